@@ -1,0 +1,48 @@
+"""Shared fixtures.
+
+Tests talk to real parts (pynetdicom associations, dcmtk, Redis, PostgreSQL).
+A test that needs a component or the shared real data skips on a developer
+machine that lacks it, but fails in CI (CI=true): a skip there would hide a
+missing install step.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+REAL_DATA = SHARED / "data" / "real"
+
+
+def need(condition: bool, why: str) -> None:
+    """Skip locally, fail in CI, when a required component is missing."""
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f"required in CI but missing: {why}")
+    pytest.skip(why)
+
+
+@pytest.fixture(scope="session")
+def real_data_dir() -> Path:
+    """``../shared/data/real`` (real vendor DICOM); never copied into the repo."""
+    need(REAL_DATA.is_dir(), f"{REAL_DATA} not present")
+    return REAL_DATA
+
+
+def dcmtk_tool(name: str) -> str:
+    """Absolute path of a dcmtk tool: pynetdicom's console scripts shadow the names."""
+    path = Path("/usr/bin") / name
+    need(path.exists(), f"dcmtk {name} not installed")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def have_dcmtk() -> None:
+    dcmtk_tool("storescu")
+    need(shutil.which("dsrdump") is not None, "dcmtk not installed")

@@ -1,0 +1,164 @@
+"""Run a real ``dicomnode serve`` process for tests, on a free loopback port."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset, FileMetaDataset
+from pynetdicom import AE
+from pynetdicom.sop_class import RawDataStorage, Verification
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+REPO = Path(__file__).resolve().parent.parent
+NODE_AET = "TESTNODE"
+MR = "1.2.840.10008.5.1.4.1.1.4"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class NodeProcess:
+    """``python -m dicomnode serve`` with settings given as DICOMNODE_* variables."""
+
+    def __init__(self, data_dir: Path, **settings: Any) -> None:
+        self.data_dir = data_dir
+        self.port = settings.pop("port", None) or free_port()
+        self.settings = {
+            "ae_title": NODE_AET,
+            "host": "127.0.0.1",
+            "port": self.port,
+            "data_dir": str(data_dir),
+            "min_free_disk_mb": 10,
+            "quiet_period_s": 60,
+            "assembly_poll_s": 0.2,
+            "log_level": "INFO",
+            **settings,
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = data_dir.parent / f"{data_dir.name}-node.log"
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DICOMNODE_")}
+        for k, v in self.settings.items():
+            if v is None:
+                continue
+            env["DICOMNODE_" + k.upper()] = json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+        return env
+
+    def start(self, timeout: float = 30.0) -> NodeProcess:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        logf = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dicomnode", "serve"], env=self.env(), cwd=REPO, stdout=logf, stderr=logf
+        )
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"node exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return self
+            except OSError:
+                time.sleep(0.1)
+        raise TimeoutError(f"node did not listen within {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "dicomnode", *args], env=self.env(), cwd=REPO, capture_output=True, text=True,
+            check=check, timeout=120,
+        )
+
+    def status(self) -> dict[str, Any]:
+        return json.loads(self.cli("status", "--json").stdout)
+
+    def wait_for(self, predicate: Any, timeout: float = 30.0, every: float = 0.25) -> dict[str, Any]:
+        """Poll ``status --json`` until ``predicate(doc)`` holds."""
+        deadline = time.time() + timeout
+        doc = self.status()
+        while not predicate(doc):
+            if time.time() > deadline:
+                raise TimeoutError(f"condition not met within {timeout}s; last status:\n{json.dumps(doc, indent=1)}")
+            time.sleep(every)
+            doc = self.status()
+        return doc
+
+    def spool_files(self) -> list[Path]:
+        return sorted((self.data_dir / "spool" / "store").rglob("*.dcm"))
+
+
+def mr_dataset(study_uid: str, series_uid: str, sop_uid: str | None = None, rows: int = 8, cols: int = 8,
+               description: str = "t2_tse_tra", instance: int = 1) -> Dataset:
+    """A small, valid MR Image Storage dataset (pixels included) for network tests."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+    ds.SOPInstanceUID = sop_uid or generate_uid()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.Modality = "MR"
+    ds.PatientName = "TEST^NETWORK"
+    ds.PatientID = "NET001"
+    ds.SeriesDescription = description
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = instance
+    ds.Rows, ds.Columns = rows, cols
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.PixelData = bytes(rows * cols * 2)
+    return ds
+
+
+def associate(port: int, calling: str = "GOODSCU", called: str = NODE_AET, contexts=(MR, RawDataStorage)):
+    ae = AE(ae_title=calling)
+    for cx in contexts:
+        ae.add_requested_context(cx, [ExplicitVRLittleEndian])
+    ae.add_requested_context(Verification)
+    return ae.associate("127.0.0.1", port, ae_title=called)
+
+
+def store(port: int, *datasets: "Dataset | Path", calling: str = "GOODSCU") -> list[int]:
+    assoc = associate(port, calling)
+    assert assoc.is_established
+    statuses = []
+    try:
+        for ds in datasets:
+            rsp = assoc.send_c_store(ds)
+            statuses.append(int(rsp.Status))
+    finally:
+        assoc.release()
+    return statuses
+
+

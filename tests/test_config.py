@@ -1,0 +1,88 @@
+"""One settings object: TOML file, then DICOMNODE_* environment overrides (lists and tables as JSON)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dicomnode.config import Peer, Settings, SettingsError, load_settings, settings_reference
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "node.toml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_without_file_or_env() -> None:
+    s = load_settings(None, environ={})
+    assert s == Settings()
+    assert s.index_url.startswith("sqlite:///") and s.index_url.endswith("index.sqlite3")
+
+
+def test_toml_then_env_overrides(tmp_path: Path) -> None:
+    cfg = write(
+        tmp_path,
+        """
+ae_title = "SITEA"
+port = 4242
+allowed_peers = ["PACS1", "PACS2@10.0.0.5", {ae_title = "PACS3", host = "10.1.0.0/16"}]
+quiet_period_s = 30
+[tls]
+cert_file = "/etc/node.crt"
+key_file = "/etc/node.key"
+""",
+    )
+    env = {
+        "DICOMNODE_PORT": "5555",
+        "DICOMNODE_ALLOWED_PEERS": '["ONLY@127.0.0.1"]',
+        "DICOMNODE_FSYNC": "false",
+        "DICOMNODE_RELEASE_QUIET_S": "2.5",
+        "DICOMNODE_TLS": '{"cert_file": "/a.crt", "key_file": "/a.key", "ca_file": "/ca.pem", "require_client_cert": true}',
+    }
+    s = load_settings(cfg, environ=env)
+    assert s.ae_title == "SITEA"
+    assert s.port == 5555
+    assert s.allowed_peers == (Peer("ONLY", "127.0.0.1"),)
+    assert s.fsync is False
+    assert s.release_quiet_s == 2.5
+    assert s.tls.require_client_cert and s.tls.ca_file == "/ca.pem"
+    assert load_settings(cfg, environ={}).allowed_peers == (
+        Peer("PACS1"),
+        Peer("PACS2", "10.0.0.5"),
+        Peer("PACS3", "10.1.0.0/16"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "message"),
+    [
+        ("portt = 1", {}, "unknown setting"),
+        ("port = 70000", {}, "port 70000 out of range"),
+        ('ae_title = "THIS_AE_TITLE_IS_TOO_LONG"', {}, "invalid AE title"),
+        ("", {"DICOMNODE_FSYNC": "maybe"}, "expected a boolean"),
+        ("", {"DICOMNODE_ALLOWED_PEERS": "[not json"}, "expected JSON"),
+        ("quiet_period_s = 5\nrelease_quiet_s = 9", {}, "release_quiet_s"),
+        ("[tls]\nca_file='x'\nrequire_client_cert=true", {}, "needs both cert_file and key_file"),
+        ("not toml =", {}, "not valid TOML"),
+    ],
+)
+def test_bad_settings_are_named(tmp_path: Path, text: str, env: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        load_settings(write(tmp_path, text), environ=env)
+
+
+def test_missing_config_file_is_clear(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="config file not found"):
+        load_settings(tmp_path / "nope.toml", environ={})
+
+
+def test_reference_lists_every_setting() -> None:
+    names = [n for n, _, _ in settings_reference()]
+    assert {"ae_title", "allowed_peers", "min_free_disk_mb", "quiet_period_s", "tls"} <= set(names)
+
+
+def test_readme_documents_every_setting() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for name, _, _ in settings_reference():
+        assert f"`{name}`" in readme, f"README configuration reference misses {name}"

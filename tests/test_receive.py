@@ -1,0 +1,148 @@
+"""The listener against real associations on loopback: what is accepted, refused, rejected, survived."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import _config
+from pynetdicom.sop_class import RawDataStorage
+
+from nodeutil import NODE_AET, NodeProcess, associate, mr_dataset, store
+
+
+@pytest.fixture
+def node(tmp_path: Path):
+    n = NodeProcess(tmp_path / "data", allowed_peers=["GOODSCU", "LOCALSCU@127.0.0.0/8", "FARSCU@192.0.2.7"]).start()
+    yield n
+    n.stop()
+
+
+def test_echo_and_cli_echo(node: NodeProcess) -> None:
+    assoc = associate(node.port)
+    assert assoc.is_established
+    assert int(assoc.send_c_echo().Status) == 0
+    assoc.release()
+    out = node.cli("echo", "127.0.0.1", str(node.port), "--aet", NODE_AET, "--calling", "GOODSCU")
+    assert "status 0x0000" in out.stdout
+
+
+def test_rejects_unknown_calling_and_wrong_called_ae(node: NodeProcess) -> None:
+    bad_calling = associate(node.port, calling="STRANGER")
+    assert bad_calling.is_rejected
+    bad_called = associate(node.port, called="NOTTHENODE")
+    assert bad_called.is_rejected
+    # bound to a host we are not: rejected; bound to loopback: accepted
+    assert associate(node.port, calling="FARSCU").is_rejected
+    local = associate(node.port, calling="LOCALSCU")
+    assert local.is_established
+    local.release()
+    log = node.log()
+    assert "calling AE 'STRANGER' from 127.0.0.1 is not in allowed_peers" in log
+    assert "called AE 'NOTTHENODE' is not ours" in log
+
+
+def test_store_is_durable_and_indexed_duplicates_counted(node: NodeProcess) -> None:
+    study, series = generate_uid(), generate_uid()
+    a = mr_dataset(study, series)
+    b = mr_dataset(study, series, instance=2)
+    assert store(node.port, a, b, a) == [0, 0, 0]
+    doc = node.status()
+    (st,) = doc["studies"]
+    assert st["instances"] == 2 and st["duplicates"] == 1
+    files = node.spool_files()
+    assert len(files) == 2
+    # stored as received, under names the node made up
+    uids = {dcmread(f).SOPInstanceUID for f in files}
+    assert uids == {a.SOPInstanceUID, b.SOPInstanceUID}
+    assert all(a.SOPInstanceUID not in str(f) for f in files)
+
+
+def test_non_image_objects_stored_not_for_grading(node: NodeProcess) -> None:
+    study, series = generate_uid(), generate_uid()
+    raw = Dataset()
+    raw.SOPClassUID = RawDataStorage
+    raw.SOPInstanceUID = generate_uid()
+    raw.StudyInstanceUID, raw.SeriesInstanceUID = study, series
+    raw.Modality = "MR"
+    raw.file_meta = mr_dataset(study, series).file_meta
+    raw.file_meta.MediaStorageSOPClassUID = RawDataStorage
+    raw.file_meta.MediaStorageSOPInstanceUID = raw.SOPInstanceUID
+    assert store(node.port, raw) == [0]
+    assert len(node.spool_files()) == 1
+
+
+def _raw_send(port: int, path: Path) -> int:
+    """Send a file's bytes exactly as they are (pynetdicom chunked send does not re-encode)."""
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        (status,) = store(port, path)
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = False
+    return status
+
+
+def test_hostile_and_malformed_datasets_are_refused_and_survived(node: NodeProcess, tmp_path: Path) -> None:
+    study, series = generate_uid(), generate_uid()
+    # 1. a SOP Instance UID that is a path
+    evil = mr_dataset(study, series, sop_uid="../../x")
+    (status,) = store(node.port, evil)
+    assert 0xC000 <= status <= 0xCFFF
+    # 2. a truncated dataset: pixel data declared longer than what follows
+    good = mr_dataset(study, series, rows=64, cols=64)
+    full = tmp_path / "full.dcm"
+    good.save_as(full, enforce_file_format=True)
+    trunc = tmp_path / "trunc.dcm"
+    trunc.write_bytes(full.read_bytes()[:-3000])
+    assert 0xC000 <= _raw_send(node.port, trunc) <= 0xCFFF
+    # 3. garbage after a valid file meta header
+    garbage = tmp_path / "garbage.dcm"
+    garbage.write_bytes(full.read_bytes()[:132] + _file_meta_bytes(full) + os.urandom(4000))
+    assert 0xC000 <= _raw_send(node.port, garbage) <= 0xCFFF
+    # 4. an MR image with no pixel data
+    nopix = mr_dataset(study, series)
+    del nopix.PixelData
+    (status,) = store(node.port, nopix)
+    assert status == 0xA900
+    # nothing partial kept, nothing indexed, nothing written outside data_dir
+    assert node.spool_files() == []
+    assert list((node.data_dir / "spool" / "tmp").iterdir()) == []
+    assert not (node.data_dir.parent / "x").exists() and not (node.data_dir / "x").exists()
+    assert node.status()["studies"] == []
+    # the next association is served normally
+    assert store(node.port, good) == [0]
+    assert len(node.spool_files()) == 1
+    assert node.proc is not None and node.proc.poll() is None
+
+
+def _file_meta_bytes(path: Path) -> bytes:
+    """The group-2 bytes of a file written by pydicom (after preamble and DICM)."""
+    data = path.read_bytes()
+    group_len = int.from_bytes(data[140:144], "little")
+    return data[132 : 144 + group_len]
+
+
+def test_disk_watermark_refuses_with_a700_and_writes_nothing(tmp_path: Path) -> None:
+    n = NodeProcess(tmp_path / "data", min_free_disk_mb=1 << 40).start()  # more than any disk has
+    try:
+        ds = mr_dataset(generate_uid(), generate_uid())
+        assert store(n.port, ds) == [0xA700]
+        assert n.spool_files() == []
+        assert n.status()["studies"] == []
+        assert "free disk under min_free_disk_mb" in n.log()
+    finally:
+        n.stop()
+
+
+def test_no_phi_in_info_logs(node: NodeProcess) -> None:
+    ds = mr_dataset(generate_uid(), generate_uid())
+    ds.PatientName = "DOE^JANE"
+    ds.PatientID = "MRN-778899"
+    ds.PatientBirthDate = "19700101"
+    store(node.port, ds, ds)
+    log = node.log()
+    for phi in ("DOE", "MRN-778899", "19700101", ds.StudyInstanceUID):
+        assert phi not in log
