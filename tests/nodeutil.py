@@ -57,19 +57,21 @@ class NodeProcess:
 
     def start(self, timeout: float = 30.0) -> NodeProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         logf = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dicomnode", "serve"], env=self.env(), cwd=REPO, stdout=logf, stderr=logf
         )
+        # Ready when it logs that it listens: a bare TCP probe would occupy an
+        # association slot until the ACSE timeout.
         deadline = time.time() + timeout
+        marker = f"on 127.0.0.1:{self.port} "
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"node exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return self
-            except OSError:
-                time.sleep(0.1)
+            if any("listening as" in line and marker in line for line in self.log()[offset:].splitlines()):
+                return self
+            time.sleep(0.05)
         raise TimeoutError(f"node did not listen within {timeout}s:\n{self.log()}")
 
     def log(self) -> str:

@@ -429,12 +429,21 @@ def test_enhanced_contrast_false_friend_stays_t1(description: str) -> None:
     assert a.role == "T1", a.reason
 
 
-@pytest.mark.parametrize("description", ["t1_space_sag", "t1 sequence ce_nter", "T1 post-op"])
-def test_ce_and_post_match_whole_tokens_only(description: str) -> None:
-    # "space"/"sequence" contain "ce"; "ce_nter" splits into "ce" - so only the first and last are T1.
+@pytest.mark.parametrize(
+    "description, role",
+    [
+        ("t1_space_sag", "T1"),  # "space" contains "ce" but is not the token "ce"
+        ("T1 sequence", "T1"),
+        ("T1_CE", "T1CE"),
+        ("ce_T1", "T1CE"),
+        ("T1 post-op", "T1"),  # post-operative, not post-contrast
+        ("T1 post fossa", "T1"),  # posterior fossa
+        ("T1 posterior", "T1"),
+    ],
+)
+def test_contrast_words_match_whole_tokens_only(description: str, role: str) -> None:
     a = one(mr_series(description, **T1_SE))
-    expected = "T1CE" if description == "t1 sequence ce_nter" else "T1"
-    assert a.role == expected, a.reason
+    assert a.role == role, a.reason
 
 
 @pytest.mark.parametrize(
@@ -554,6 +563,12 @@ def test_non_head_body_part_is_other(kwargs: dict[str, str]) -> None:
 def test_non_head_description_is_other() -> None:
     a = one(mr_series("T1 SHOULDER COR", **T1_SE, body_part=""))
     assert a.role == "OTHER"
+
+
+def test_multi_stack_series_is_other() -> None:
+    a = one(mr_series("t2_tse_tra", **{**T2_TSE, "slices": 80},
+                      orientations=[[1, 0, 0, 0, 1, 0], [1, 0, 0, 0, 0.8, -0.6]]))
+    assert a.role == "OTHER" and "orientations" in a.reason
 
 
 def test_too_few_slices_is_other() -> None:
@@ -743,6 +758,25 @@ def test_empty_and_non_image_series_are_other() -> None:
     sr.SOPInstanceUID = generate_uid()
     result = identify_study({"1.2.3": [], "1.2.4": [sr]})
     assert {a.role for a in result.values()} == {"OTHER"}
+
+
+def test_one_unreadable_series_does_not_sink_the_study(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dicomnode.sequences.identify as identify_module
+
+    good = mr_series("t2_tse_tra", **T2_TSE)
+    bad = mr_series("t1_mprage", **T1_MPRAGE)
+    real_extract = identify_module.extract_evidence
+
+    def flaky(uid: str, datasets: Any) -> Any:
+        if uid == bad[0].SeriesInstanceUID:
+            raise ValueError("malformed value 'Doe^Jane'")
+        return real_extract(uid, datasets)
+
+    monkeypatch.setattr(identify_module, "extract_evidence", flaky)
+    result, (good_uid, bad_uid) = _study(good, bad)
+    assert result[good_uid].role == "T2"
+    assert result[bad_uid].role == "OTHER" and "ValueError" in result[bad_uid].reason
+    assert not any("Doe" in e for e in result[bad_uid].evidence)
 
 
 def test_no_phi_in_info_logs(caplog: pytest.LogCaptureFixture) -> None:

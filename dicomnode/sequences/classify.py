@@ -61,6 +61,9 @@ T1_GRE_MIN_FLIP_DEG = 30.0
 T2STAR_GRE_MIN_TE_MS = 15.0
 #: Fewer distinct slice positions than this cannot cover a brain (scouts, shoulders, tests).
 MIN_SLICES = 8
+#: A series with several slice orientations and at most this many images is a
+#: 3-plane localizer; a bigger one is a multi-stack series (also OTHER).
+LOCALIZER_MAX_IMAGES = 60
 
 # ImageType / FrameType values that put a series in an OTHER gate.
 _DIFFUSION_TYPES = frozenset({"ADC", "TRACEW", "TRACE", "FA", "DIFFUSION", "EADC", "TENSOR", "ISODWI", "DWI",
@@ -156,6 +159,15 @@ def _read_words(ev: SeriesEvidence) -> _Words:
     return _Words(found=found, false_friends=notes, contrast_field=contrast_field)
 
 
+def _named_by(ev: SeriesEvidence) -> tuple[str, str]:
+    """The most specific free-text field that is filled: (label, value)."""
+    for label, attr in _FIELDS:
+        value = getattr(ev, attr)
+        if value:
+            return label, value
+    return "description", ""
+
+
 def _fmt(x: float | None) -> str:
     return "?" if x is None else f"{x:g}"
 
@@ -185,9 +197,14 @@ def _gates(ev: SeriesEvidence, words: _Words) -> list[tuple[str, list[str]]]:
         facts += words.facts("non-head anatomy")
     gate("not a head/brain series", facts)
 
+    # Several slice orientations in one series: a 3-plane localizer when small,
+    # otherwise a multi-stack series; neither is one volume a model can take.
+    multi_orient = [f"{ev.n_orientations} slice orientations in one series"] if ev.n_orientations >= 2 else []
+    small = ev.n_images <= LOCALIZER_MAX_IMAGES
     gate("localizer/scout", words.facts("localizer")
          + (["ImageType LOCALIZER"] if "LOCALIZER" in types else [])
-         + ([f"{ev.n_orientations} slice orientations in one series"] if ev.n_orientations >= 2 else []))
+         + (multi_orient if small else []))
+    gate("several slice orientations (not one volume)", [] if small else multi_orient)
 
     gate("diffusion", words.facts("diffusion")
          + [f"ImageType {t}" for t in sorted(types & _DIFFUSION_TYPES)]
@@ -210,8 +227,8 @@ def _gates(ev: SeriesEvidence, words: _Words) -> list[tuple[str, list[str]]]:
          + [f"ComplexImageComponent={c}" for c in sorted(ev.complex_components - {"MAGNITUDE"})])
 
     gate("derived/reformatted", words.facts("derived/reformat")
-         + (["ImageType DERIVED"] if ev.image_type[:1] == ("DERIVED",) else [])
-         + (["ImageType SECONDARY"] if ev.image_type[1:2] == ("SECONDARY",) else [])
+         + (["ImageType DERIVED"] if "DERIVED" in types else [])  # value 1 of ImageType or any FrameType
+         + (["ImageType SECONDARY"] if "SECONDARY" in types else [])
          + [f"ImageType {t}" for t in sorted(types & _DERIVED_TYPES)])
 
     gate("non-grading contrast (angio/T2*/STIR/maps)", words.facts("non-grading contrast", "T2*")
@@ -234,7 +251,7 @@ def _gates(ev: SeriesEvidence, words: _Words) -> list[tuple[str, list[str]]]:
 
     slices = ev.n_positions if ev.n_positions > 0 else ev.n_images
     if slices < MIN_SLICES:
-        gate("too few slices", [f"only {slices} slice position(s) (< {MIN_SLICES}): not a whole-brain volume"])
+        gate("too few slices", [f"only {slices} slice position(s), fewer than {MIN_SLICES}: not a whole-brain volume"])
     return gates
 
 
@@ -379,7 +396,7 @@ def classify(ev: SeriesEvidence, rules: SiteRules | None = None) -> Decision:
                                  "sequence_name": ev.sequence_name})
         if hit is not None:
             rule, value = hit
-            post, cfacts, _ = _contrast(ev, words)
+            post = _contrast(ev, words)[0]
             line = rule.describe(value)
             return Decision(role=rule.role, reason=f"{rule.role}: {line}", evidence=(line,),
                             post_contrast=post if rule.role != "T1CE" else True, site_rule=rule.number)
@@ -401,7 +418,8 @@ def classify(ev: SeriesEvidence, rules: SiteRules | None = None) -> Decision:
             label = "FLAIR"
             facts.append("TI not recorded: long TR/TE consistent with FLAIR")
         else:
-            return Decision(role="OTHER", reason=(f"OTHER: conflicting evidence ({text_source} says {text_label}, "
+            src = text_source if text_source in ("AcquisitionContrast", "ImageType") else _named_by(ev)[0]
+            return Decision(role="OTHER", reason=(f"OTHER: conflicting evidence ({src} says {text_label}, "
                                                   f"{phys_summary} says {phys_label})"),
                             evidence=tuple(dict.fromkeys(facts)))
     else:
@@ -418,11 +436,12 @@ def classify(ev: SeriesEvidence, rules: SiteRules | None = None) -> Decision:
     if phys_label == label:
         parts.append(phys_summary)
     if text_label == label:
-        desc = ev.series_description or ev.protocol_name or ev.sequence_name
-        if text_source in ("AcquisitionContrast", "ImageType") or not desc:
-            parts.append(text_facts[0] if text_facts else text_source)
+        if text_source in ("AcquisitionContrast", "ImageType"):
+            parts.append(text_facts[0])
         else:
-            parts.append(f"{text_source} in '{desc}'")
+            field, value = _named_by(ev)
+            note = " (T1-FLAIR is T1-weighted)" if text_source == "T1-FLAIR naming" else ""
+            parts.append(f"{field} '{value}'{note}")
     post, cfacts, cphrase = _contrast(ev, words)
     role = label
     if label == "T1":

@@ -24,6 +24,11 @@ from .select import deciding_criterion, rank
 log = logging.getLogger(__name__)
 
 
+def _name(ev: SeriesEvidence) -> str:
+    """A short, PHI-free name for a series in reasons (full UIDs are in the evidence)."""
+    return f"series #{ev.series_number}" if ev.series_number is not None else "another series"
+
+
 def identify_study(series: Mapping[str, Sequence[Dataset]], rules: SiteRules | None = None) -> dict[str, SeriesAssignment]:
     """Assign a role and status to every series of one study.
 
@@ -43,7 +48,8 @@ def identify_study(series: Mapping[str, Sequence[Dataset]], rules: SiteRules | N
             log.debug("series %s: header error detail", uid, exc_info=True)
             decided[uid] = (None, Decision(role="OTHER", reason=f"OTHER: headers could not be interpreted "
                                                                 f"({type(exc).__name__})",
-                                           evidence=(f"{type(exc).__name__}: {exc}",)))
+                                           # the exception text may quote header values: keep it out
+                                           evidence=(f"header error: {type(exc).__name__}",)))
 
     out: dict[str, SeriesAssignment] = {}
     for uid, (_, d) in decided.items():
@@ -62,7 +68,7 @@ def identify_study(series: Mapping[str, Sequence[Dataset]], rules: SiteRules | N
             wins.append(f"preferred over {ev.series_uid} ({why})")
             out[ev.series_uid] = SeriesAssignment(
                 role=role, status="alternative",
-                reason=f"{d.reason}; alternative ({why} favoured series {best_ev.series_uid})",
+                reason=f"{d.reason}; alternative: {_name(best_ev)} preferred ({why})",
                 evidence=d.evidence + (f"not selected: {best_ev.series_uid} preferred ({why})",))
         out[best_ev.series_uid] = SeriesAssignment(
             role=role, status="selected", reason=best.reason, evidence=best.evidence + tuple(wins),

@@ -99,6 +99,8 @@ FALSE_FRIENDS: tuple[tuple[re.Pattern[str], str, str], ...] = (
      "contrast-to-noise wording, not a contrast agent"),
     (re.compile(r"\bpost\s?op(erative|eratoire|eratorio|eriert)?\b"), "postoperative",
      "post-operative, not post-contrast"),
+    (re.compile(r"\bpost(erior)?\s?fossa\b|\bfosa posterior\b"), "posteriorfossa",
+     "posterior fossa, not post-contrast"),
     (re.compile(r"\bphase\s?contrast\b"), "phasecontrast",
      "phase-contrast flow imaging, not a contrast agent"),
 )
