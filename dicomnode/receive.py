@@ -25,7 +25,7 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import UID
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import Verification
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -49,6 +49,13 @@ CANNOT_UNDERSTAND = 0xC210
 MISSING_OR_INVALID_UID = 0xC212
 COMMAND_DATASET_MISMATCH = 0xC213
 PIXEL_DATA_TRUNCATED = 0xC214
+
+# The acceptor's order decides which proposed syntax is taken (pynetdicom).
+# Explicit VR first (keeps VRs of private tags), then every compressed and
+# other syntax so a PACS can send what it holds unchanged, implicit VR last.
+PREFERRED_TRANSFER_SYNTAXES = [str(ExplicitVRLittleEndian)] + [
+    ts for ts in ALL_TRANSFER_SYNTAXES if ts not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+] + [str(ImplicitVRLittleEndian)]
 
 _PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # PixelData, FloatPixelData, DoubleFloatPixelData
 
@@ -213,7 +220,7 @@ class StorageSCP:
         ae.require_called_aet = False  # checked in _on_requested, which logs the peer
         ae.add_supported_context(Verification)
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+            ae.add_supported_context(cx.abstract_syntax, PREFERRED_TRANSFER_SYNTAXES)
         return ae
 
     def _ssl_context(self) -> ssl.SSLContext | None:

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import Verification
 
@@ -80,7 +79,7 @@ def _batches(files: list[tuple[Path, str, str]]) -> Iterator[list[tuple[Path, st
     batch: list[tuple[Path, str, str]] = []
     contexts: set[tuple[str, str]] = set()
     for item in files:
-        needed = {(item[1], item[2]), (item[1], str(ExplicitVRLittleEndian))}
+        needed = {(item[1], item[2])}
         if len(contexts | needed) > MAX_CONTEXTS:
             yield batch
             batch, contexts = [], set()
@@ -107,9 +106,10 @@ def send(
         ae = AE(ae_title=calling_ae)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
         ae.maximum_pdu_size = 0
+        # one context per (SOP class, transfer syntax), proposing exactly the
+        # file's own syntax: files are sent as they are, never transcoded
         for sop, ts in sorted({(b[1], b[2]) for b in batch}):
-            tss = [ts] + [t for t in (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)) if t != ts]
-            ae.add_requested_context(sop, tss)
+            ae.add_requested_context(sop, [ts])
         assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, max_pdu=0)
         if not assoc.is_established:
             results.extend(SendResult(b[0], None, "association rejected or failed") for b in batch)

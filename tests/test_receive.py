@@ -146,3 +146,36 @@ def test_no_phi_in_info_logs(node: NodeProcess) -> None:
     log = node.log()
     for phi in ("DOE", "MRN-778899", "19700101", ds.StudyInstanceUID):
         assert phi not in log
+
+
+def test_explicit_vr_preferred_when_both_proposed(node: NodeProcess) -> None:
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+    from pynetdicom import AE
+
+    ae = AE(ae_title="GOODSCU")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.4", [ImplicitVRLittleEndian, ExplicitVRLittleEndian])
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AET)
+    assert assoc.is_established
+    (cx,) = assoc.accepted_contexts
+    assert cx.transfer_syntax[0] == ExplicitVRLittleEndian
+    assoc.release()
+
+
+def test_spool_recovery_moves_unindexed_files_and_drops_partials(tmp_path: Path) -> None:
+    from dicomnode.spool import Spool
+
+    spool = Spool(tmp_path, fsync=True)
+    partial = spool.tmp / "half.dcm"
+    partial.write_bytes(b"partial")
+    kept_tmp = spool.tmp / "whole.dcm"
+    kept_tmp.write_bytes(b"indexed")
+    kept, _ = spool.commit(kept_tmp)
+    orphan_tmp = spool.tmp / "orphan.dcm"
+    orphan_tmp.write_bytes(b"renamed, never indexed")
+    orphan, _ = spool.commit(orphan_tmp)
+    assert spool.recover({kept}) == (1, 1)
+    assert (tmp_path / kept).exists() and not (tmp_path / orphan).exists()
+    assert [p.read_bytes() for p in spool.orphans.iterdir()] == [b"renamed, never indexed"]
+    assert list(spool.tmp.iterdir()) == []
+    with pytest.raises(ValueError):
+        spool.path("../../etc/passwd")
