@@ -90,6 +90,24 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_events(args: argparse.Namespace) -> int:
+    from .index import Index
+
+    settings = _settings(args)
+    index = Index(settings.index_url)
+    try:
+        events = index.recent_events(args.limit)
+    finally:
+        index.close()
+    if args.json:
+        print(json.dumps(events, indent=2))
+        return 0
+    for e in events:
+        study = f" study {e['study_id']}" if e["study_id"] is not None else ""
+        print(f"{e['at']} {e['kind']:22}{study} {e['message']}")
+    return 0
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from .synth import make_phantom, write_study
 
@@ -131,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("status", help="studies, versions, series with role and reason")
     sp.add_argument("--json", action="store_true", help="the stable dicomnode.status/1 document")
     sp.set_defaults(func=cmd_status)
+
+    sp = sub.add_parser("events", help="the event log: rejected associations, refused stores, completions")
+    sp.add_argument("--limit", type=int, default=50)
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_events)
 
     sp = sub.add_parser("synth", help="write a synthetic multi-sequence brain MR study (DICOM)")
     sp.add_argument("out", type=Path)

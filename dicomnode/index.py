@@ -11,7 +11,6 @@ plain and time-zone free.
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -414,14 +413,6 @@ class Index:
                     out.append(DueVersion(v.id, v.study_id, v.version, "association_released", v.last_instance_at))
         return out
 
-    def next_due_in(self, now: float, quiet_period_s: float) -> float | None:
-        """Seconds until the earliest receiving version falls due (None: nothing receiving)."""
-        with self.session() as s:
-            oldest = s.scalar(select(func.min(StudyVersion.last_instance_at)).where(StudyVersion.state == RECEIVING))
-        if oldest is None:
-            return None
-        return max(0.0, oldest + quiet_period_s - now)
-
     def complete_version(self, due: DueVersion, assignments: Mapping[str, Mapping[str, Any]], now: float) -> bool:
         """Mark a version complete with its series roles, unless an instance arrived meanwhile."""
         with self.session() as s:
@@ -573,7 +564,3 @@ def _iso(t: float | None) -> str | None:
     if t is None:
         return None
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int((t % 1) * 1000):03d}Z"
-
-
-def dumps(doc: Any) -> str:
-    return json.dumps(doc, indent=2, sort_keys=False)

@@ -207,7 +207,6 @@ class StorageSCP:
         self._touched: dict[int, set[int]] = {}
         self._lock = threading.Lock()
         self.server: Any = None
-        self.stats = {"stored": 0, "duplicates": 0, "refused": 0, "rejected_associations": 0}
 
     def build_ae(self) -> AE:
         s = self.settings
@@ -276,17 +275,25 @@ class StorageSCP:
         called = str(prim.called_ae_title).strip()
         address = assoc.requestor.address
         if self.settings.require_called_ae and called != self.settings.ae_title:
-            self.stats["rejected_associations"] += 1
-            log.warning("association rejected: called AE %r is not ours (%r); calling AE %r from %s",
-                        called, self.settings.ae_title, calling, address)
+            self._operator_event("association_rejected",
+                                 f"called AE {called!r} is not ours ({self.settings.ae_title!r}); "
+                                 f"calling AE {calling!r} from {address}")
             _reject(assoc, 0x07)
             return
         if self._rules and not _peer_allowed(self._rules, calling, address):
-            self.stats["rejected_associations"] += 1
-            log.warning("association rejected: calling AE %r from %s is not in allowed_peers", calling, address)
+            self._operator_event("association_rejected",
+                                 f"calling AE {calling!r} from {address} is not in allowed_peers")
             _reject(assoc, 0x03)
             return
         log.debug("association requested by %r from %s", calling, address)
+
+    def _operator_event(self, kind: str, message: str) -> None:
+        """A WARNING line and an event-log row (AE titles and addresses only, never PHI)."""
+        log.warning("%s: %s", kind.replace("_", " "), message)
+        try:
+            self.index.add_event(kind, message)
+        except Exception:  # the index being down must not change the answer we give
+            log.debug("could not record event", exc_info=True)
 
     def _on_echo(self, event: Any) -> int:
         return SUCCESS
@@ -298,27 +305,21 @@ class StorageSCP:
         calling = str(assoc.requestor.ae_title).strip()
         address = assoc.requestor.address
         try:
-            status = self._store(event, req, tmp, calling, address)
+            return self._store(event, req, tmp, calling, address)
         finally:
             # Whatever happened, no half-written or refused file stays behind.
             tmp.unlink(missing_ok=True)
-        if status is SUCCESS:
-            return SUCCESS
-        return status
 
     def _store(self, event: Any, req: Any, tmp: Path, calling: str, address: str) -> Any:
         try:
             if self.spool.free_bytes() < self.settings.min_free_disk_mb * 1024 * 1024:
-                self.stats["refused"] += 1
-                log.error("C-STORE refused (0xA700): free disk under min_free_disk_mb=%d", self.settings.min_free_disk_mb)
-                return _failure(OUT_OF_RESOURCES, "node disk below free-space watermark")
+                return self._refuse(OUT_OF_RESOURCES, "node disk below free-space watermark",
+                                    f"free disk under min_free_disk_mb={self.settings.min_free_disk_mb}", calling, address)
             meta = inspect_received(
                 tmp, str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID), str(event.context.transfer_syntax)
             )
         except Refused as r:
-            self.stats["refused"] += 1
-            log.warning("C-STORE refused (0x%04X): %s; calling AE %r from %s", r.status, r.comment, calling, address)
-            return _failure(r.status, r.comment)
+            return self._refuse(r.status, r.comment, r.comment, calling, address)
         try:
             if self.index.is_known_instance(meta.sop_instance_uid):
                 return self._duplicate(meta, calling, address)
@@ -334,23 +335,24 @@ class StorageSCP:
                 self.spool.remove(rel)  # not acknowledged, not indexed: do not keep it
                 raise
         except OSError as exc:
-            self.stats["refused"] += 1
-            log.error("C-STORE refused (0xA700): cannot write spool: %s", exc)
-            return _failure(OUT_OF_RESOURCES, "node cannot write its spool")
+            return self._refuse(OUT_OF_RESOURCES, "node cannot write its spool",
+                                f"cannot write spool: {exc.strerror or type(exc).__name__}", calling, address)
         except (OperationalError, IntegrityError, ValueError) as exc:
-            self.stats["refused"] += 1
-            log.error("C-STORE refused (0xA700): index unavailable or inconsistent: %s", type(exc).__name__)
             log.debug("index error", exc_info=True)
-            return _failure(OUT_OF_RESOURCES, "node index unavailable")
+            return self._refuse(OUT_OF_RESOURCES, "node index unavailable",
+                                f"index unavailable or inconsistent: {type(exc).__name__}", calling, address)
         with self._lock:
             self._touched.setdefault(id(event.assoc), set()).add(outcome.study_id)
-        self.stats["stored"] += 1
         log.debug("stored %s for study %d version %d", uid_tag(meta.sop_instance_uid), outcome.study_id, outcome.version)
         return SUCCESS
 
+    def _refuse(self, status: int, comment: str, why: str, calling: str, address: str) -> Dataset:
+        """Answer a failure status; log and record why (the sender sees ``comment``)."""
+        self._operator_event("store_refused", f"C-STORE refused (0x{status:04X}): {why}; calling AE {calling!r} from {address}")
+        return _failure(status, comment)
+
     def _duplicate(self, meta: InstanceMeta, calling: str, address: str) -> int:
         self.index.count_duplicate(meta.sop_instance_uid, calling, address)
-        self.stats["duplicates"] += 1
         log.info("duplicate instance %s from %r: first copy kept, Success sent", uid_tag(meta.sop_instance_uid), calling)
         return SUCCESS
 

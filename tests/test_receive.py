@@ -1,6 +1,7 @@
 """The listener against real associations on loopback: what is accepted, refused, rejected, survived."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -43,6 +44,8 @@ def test_rejects_unknown_calling_and_wrong_called_ae(node: NodeProcess) -> None:
     log = node.log()
     assert "calling AE 'STRANGER' from 127.0.0.1 is not in allowed_peers" in log
     assert "called AE 'NOTTHENODE' is not ours" in log
+    events = json.loads(node.cli("events", "--json").stdout)
+    assert sum(e["kind"] == "association_rejected" for e in events) == 3
 
 
 def test_store_is_durable_and_indexed_duplicates_counted(node: NodeProcess) -> None:
@@ -112,6 +115,8 @@ def test_hostile_and_malformed_datasets_are_refused_and_survived(node: NodeProce
     assert list((node.data_dir / "spool" / "tmp").iterdir()) == []
     assert not (node.data_dir.parent / "x").exists() and not (node.data_dir / "x").exists()
     assert node.status()["studies"] == []
+    refused = [e for e in json.loads(node.cli("events", "--json").stdout) if e["kind"] == "store_refused"]
+    assert len(refused) == 4
     # the next association is served normally
     assert store(node.port, good) == [0]
     assert len(node.spool_files()) == 1
