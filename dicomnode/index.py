@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -210,6 +211,26 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
+class BoundedCache(OrderedDict[tuple[str, str], Any]):
+    """A small LRU map: keeps the hot path's id look-ups without growing with every study ever seen."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+
+    def get(self, key: tuple[str, str], default: Any = None) -> Any:  # type: ignore[override]
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        return default
+
+    def __setitem__(self, key: tuple[str, str], value: Any) -> None:
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+        while len(self) > self.capacity:
+            self.popitem(last=False)
+
+
 class Index:
     """Typed operations on the index; each method is one short transaction."""
 
@@ -218,7 +239,8 @@ class Index:
         self.engine = make_engine(url)
         Base.metadata.create_all(self.engine)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
-        self._ids: dict[tuple[str, str], Any] = {}
+        # study/series UID -> ids; bounded, since a node runs for years
+        self._ids: BoundedCache = BoundedCache(4096)
         with self.session() as s:
             if s.get(Meta, "schema_version") is None:
                 s.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))

@@ -130,3 +130,13 @@ def test_node_on_postgresql(tmp_path: Path, pg_url: str) -> None:
         assert not (node.data_dir / "index.sqlite3").exists()
     finally:
         node.stop()
+
+
+def test_id_cache_is_bounded() -> None:
+    from dicomnode.index import BoundedCache
+
+    cache = BoundedCache(3)
+    for k in range(10):
+        cache[("series", str(k))] = k
+    assert len(cache) == 3 and cache.get(("series", "0")) is None
+    assert cache.get(("series", "9")) == 9
