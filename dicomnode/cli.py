@@ -26,9 +26,16 @@ def _settings(args: argparse.Namespace) -> Settings:
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     setup_logging(settings.log_level, settings.log_json)
+    from sqlalchemy.exc import SQLAlchemyError
+
     from .node import Node
 
-    Node(settings).serve_forever()
+    try:
+        node = Node(settings)
+    except (ValueError, OSError, SQLAlchemyError) as exc:  # bad rules file, unwritable data_dir, unreachable index
+        print(f"dicomnode: cannot start: {exc}", file=sys.stderr)
+        return 2
+    node.serve_forever()
     return 0
 
 
