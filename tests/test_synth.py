@@ -1,7 +1,6 @@
 """dicomnode.synth: the phantom, the study writer, and round trips through real converters."""
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -26,19 +25,10 @@ from dicomnode.synth import (
 )
 from dicomnode.synth.geometry import RAS_TO_LPS
 
-IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+from conftest import need as _need
+
 DCM2NIIX = "/usr/bin/dcm2niix"
 SMALL = (20, 24, 14)  # keeps every conversion well under a second
-
-
-def _need(condition: bool, why: str) -> None:
-    """Skip locally, fail in CI, when a required tool is missing."""
-    if condition:
-        return
-    if IN_CI:
-        pytest.fail(f"required in CI but missing: {why}")
-    pytest.skip(why)
-
 
 def _read_series(study: WrittenStudy, role: str) -> list[pydicom.Dataset]:
     return [pydicom.dcmread(p) for p in study.files[role]]
