@@ -184,3 +184,25 @@ def test_spool_recovery_moves_unindexed_files_and_drops_partials(tmp_path: Path)
     assert list(spool.tmp.iterdir()) == []
     with pytest.raises(ValueError):
         spool.path("../../etc/passwd")
+
+
+def test_truncated_encapsulated_dataset_is_refused(node: NodeProcess, tmp_path: Path, real_data_dir: Path) -> None:
+    """A JPEG 2000 file cut short: pydicom only warns, the node must refuse it."""
+    jp2 = real_data_dir / "siemens_trio_EPI_9_transfer_syntaxes_HUMAN" / "dcm" / "9.dcm"
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(jp2.read_bytes()[:-5000])
+    from pynetdicom import AE
+
+    ds = dcmread(jp2, stop_before_pixels=True)
+    ae = AE(ae_title="GOODSCU")
+    ae.add_requested_context(ds.SOPClassUID, [ds.file_meta.TransferSyntaxUID])
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AET)
+        assert assoc.is_established
+        assert int(assoc.send_c_store(cut).Status) == 0xC214
+        assert int(assoc.send_c_store(jp2).Status) == 0
+        assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = False
+    assert len(node.spool_files()) == 1
