@@ -8,7 +8,7 @@ families are:
 - ``loss.py``     its training loss(es), as in the paper
 - ``family.py``   a module-level ``FAMILY: ModelFamily`` object binding them: name,
                   input roles, tasks and label coding, default hyper-parameters,
-                  default preprocessing spec, ``build`` and ``predict``
+                  default preprocessing spec, ``spec_for(hparams)``, ``build`` and ``predict``
 
 ``models`` imports nothing from ``dicomnode`` or ``training``.
 """
@@ -64,3 +64,6 @@ class ModelFamily:
     default_spec: Callable[[], dict[str, Any]]  # a preprocessing spec as plain data (models.preprocess)
     predict: Callable[..., Prediction]
     # predict(model, inputs: Mapping[role, Tensor], *, device="cpu", autocast_dtype=None) -> Prediction
+    spec_for: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
+    # the spec whose arrays fit a network built from these hparams: a checkpoint
+    # whose spec produces another array shape is refused at save and at load

@@ -154,7 +154,7 @@ def test_no_phi_in_info_logs(node: NodeProcess) -> None:
 
 
 def test_explicit_vr_preferred_when_both_proposed(node: NodeProcess) -> None:
-    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+    from pydicom.uid import ImplicitVRLittleEndian
     from pynetdicom import AE
 
     ae = AE(ae_title="GOODSCU")
