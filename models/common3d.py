@@ -20,7 +20,12 @@ Silent choices of the paper, made here (all are constructor arguments):
 - **GroupNorm groups**: 8, reduced to the largest divisor of the channel count when a (test)
   width is not divisible by 8. GroupNorm has no running statistics, so train and eval mode
   normalise identically: a frozen template in eval mode behaves exactly as in training.
-- **Pooling**: global average pooling (the paper says "latent feature vector" only).
+- **Pooling** (``pooling``): global MAX pooling by default, average as a switch. The paper says
+  "latent feature vector" only. Measured on the synthetic cohort (training issue): the enhancing
+  rim is ~0.1 % of the voxels, and with average pooling the FS 3D CNN memorised its training
+  cases (train AUC 1.0, test AUC 0.53 +- 0.14 over 5 repeats) while a two-convolution 3D CNN with
+  max pooling reached test AUC 1.00 in 2 epochs on the same split: averaging over the whole
+  volume drowns a small focal finding.
 - **Classifier**: Linear-GELU-Dropout, Linear-GELU-Dropout, Linear (three FC layers), hidden
   widths and dropout configurable.
 """
@@ -112,8 +117,11 @@ class ResidualStage3d(nn.Module):
         return self.blocks(x)
 
 
+POOLINGS: tuple[str, ...] = ("max", "avg")
+
+
 class Encoder3d(nn.Module):
-    """Stem + three residual stages + global average pooling -> a feature vector.
+    """Stem + three residual stages + global pooling (max by default) -> a feature vector.
 
     ``forward_map`` returns the last stage's feature map (for Grad-CAM); ``forward`` the pooled
     vector of size ``feature_dim`` (= the last stage's width).
@@ -129,8 +137,11 @@ class Encoder3d(nn.Module):
         stem_stride: int = 2,
         stage_strides: Sequence[int] = (2, 2, 2),
         groups: int = 8,
+        pooling: str = "max",
     ) -> None:
         super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         widths = tuple(int(w) for w in widths)
         blocks_per_stage = tuple(int(b) for b in blocks_per_stage)
         stage_strides = tuple(int(s) for s in stage_strides)
@@ -149,7 +160,8 @@ class Encoder3d(nn.Module):
             stages.append(ResidualStage3d(prev, w, blocks=b, stride=s, groups=groups))
             prev = w
         self.stages = nn.Sequential(*stages)
-        self.pool = nn.AdaptiveAvgPool3d(1)
+        self.pooling = pooling
+        self.pool: nn.Module = nn.AdaptiveMaxPool3d(1) if pooling == "max" else nn.AdaptiveAvgPool3d(1)
         self.feature_dim = prev
         self.total_stride = stem_stride
         for s in stage_strides:
@@ -160,7 +172,7 @@ class Encoder3d(nn.Module):
         return self.stages(self.stem(x))
 
     def pool_map(self, fmap: torch.Tensor) -> torch.Tensor:
-        """Global average pooling of a last-stage map -> (B, feature_dim)."""
+        """Global (max or average) pooling of a last-stage map -> (B, feature_dim)."""
         return self.pool(fmap).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -274,6 +286,7 @@ ENCODER_DEFAULTS: dict[str, object] = {
     "stem_stride": 2,
     "stage_strides": [2, 2, 2],
     "groups": 8,
+    "pooling": "max",
     "fc_hidden": [128, 64],
     "dropout": 0.2,
 }

@@ -437,3 +437,16 @@ def test_predict_refuses_missing_or_mismatched_roles() -> None:
     roles["T2"] = roles["T2"][:, :16]
     with pytest.raises(ValueError, match="'T2' has shape"):
         PN_FAMILY.predict(net, roles)
+
+
+def test_pooling_switch_max_by_default_avg_on_request() -> None:
+    """Global pooling is a documented switch (max by default: a small enhancing rim survives it)."""
+    import torch.nn as nn
+
+    from models.fs3dcnn.family import FAMILY as FS
+
+    tiny = {"input_shape": [16, 16, 16], "stem_width": 4, "widths": [4, 4, 8], "groups": 2, "fc_hidden": [8, 4]}
+    assert isinstance(FS.build(tiny).encoder.pool, nn.AdaptiveMaxPool3d)
+    assert isinstance(FS.build({**tiny, "pooling": "avg"}).encoder.pool, nn.AdaptiveAvgPool3d)
+    with pytest.raises(ValueError, match="pooling"):
+        FS.build({**tiny, "pooling": "median"})

@@ -1,6 +1,6 @@
 """The template network of seed 000 (Fig. 1), also Table 1's "3D CNN FS-MRI" baseline.
 
-One 3D encoder (stem + three residual stages, GroupNorm, GELU, global average pooling) over
+One 3D encoder (stem + three residual stages, GroupNorm, GELU, global max pooling by default) over
 the four co-registered sequences stacked as channels in ``ROLES`` order (T1, T1CE, T2, FLAIR),
 and a three-layer FC classifier. Its pooled feature vector is the contrast-enhanced feature
 vector z_CEF that PromptNet's complementary branch is pulled towards; the paper says the
@@ -49,6 +49,7 @@ class FullSequence3DCNN(nn.Module):
         stem_stride: int = 2,
         stage_strides: Sequence[int] = (2, 2, 2),
         groups: int = 8,
+        pooling: str = "max",
         fc_hidden: Sequence[int] = (128, 64),
         dropout: float = 0.2,
     ) -> None:
@@ -68,6 +69,7 @@ class FullSequence3DCNN(nn.Module):
             stem_stride=stem_stride,
             stage_strides=stage_strides,
             groups=groups,
+            pooling=pooling,
         )
         self.feature_dim = self.encoder.feature_dim
         self.classifier = Classifier3Layer(self.feature_dim, n_classes, hidden=fc_hidden, dropout=dropout)
