@@ -1,0 +1,200 @@
+"""``python -m training``: generate data, train, evaluate, export, and the one-command Table 1 experiment.
+
+```
+python -m training generate OUT [--profile small|full] [--seed N] [--n-cases N] [--workers N] [--overwrite]
+                            [--shape X Y Z] [--spacing SX SY SZ] [--hgg-fraction F]
+python -m training train PROTOCOL --data DIR --out RUN [--profile small] [--config F] [--set k=v ...]
+                         [--repeats N] [--rows fs none fixed adaptive] [--device cpu|cuda] [--amp bf16|fp16]
+                         [--threads N] [--no-resume] [--progress|--no-progress]
+python -m training evaluate RUN                      # rebuild tables and figures from saved predictions
+python -m training export RUN --to DIR [--rows ...] [--repeat K]
+python -m training table1 --data DIR --out RUN       # seed 000's Table 1 on the small synthetic cohort
+```
+
+A thin shell over the library, as pynetdicom's apps are: every subcommand is a few lines that call
+``training.cohort``, ``training.protocols``, ``training.export``. Bad data, configs or run folders
+end with one line ``error: ...`` and exit status 2, not a traceback. Settings are read here, at the
+edge (``WORLD_SIZE``/``RANK``/``LOCAL_RANK`` from torchrun), and passed down.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training", description="Train and evaluate the glioma-grading models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="write the synthetic BraTS-like cohort (BraTS2020 layout)")
+    g.add_argument("out", type=Path)
+    g.add_argument("--profile", choices=("small", "full"), default="small")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--n-cases", type=int, default=None)
+    g.add_argument("--workers", type=int, default=None)
+    g.add_argument("--overwrite", action="store_true", help="replace a previous cohort in OUT")
+    g.add_argument("--shape", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"), help="grid (voxels)")
+    g.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("SX", "SY", "SZ"), help="voxel size (mm)")
+    g.add_argument("--hgg-fraction", type=float, default=None, help="default: BraTS2020's 293/369")
+
+    def run_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--config", type=Path, default=None, help="TOML overrides")
+        sp.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config value, e.g. train.lr=1e-4 (repeatable)")
+        sp.add_argument("--repeats", type=int, default=None)
+        sp.add_argument("--rows", nargs="+", default=None)
+        sp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+        sp.add_argument("--amp", default=None, choices=("bf16", "fp16", "none"))
+        sp.add_argument("--no-resume", action="store_true", help="retrain everything (default: resume)")
+        sp.add_argument("--progress", dest="progress", action="store_true", default=None)
+        sp.add_argument("--no-progress", dest="progress", action="store_false")
+
+    t = sub.add_parser("train", help="run a protocol (promptnet, crossmodal, mmdlm)")
+    t.add_argument("protocol")
+    t.add_argument("--data", type=Path, required=True, help="BraTS folder, manifest CSV or UCSF-PDGM folder")
+    t.add_argument("--out", type=Path, required=True, help="run folder (resumed when it exists)")
+    t.add_argument("--profile", default=None, help="config profile, e.g. small (configs/small.toml)")
+    t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    run_args(t)
+
+    e = sub.add_parser("evaluate", help="rebuild a run's tables and figures from its saved predictions")
+    e.add_argument("run", type=Path)
+
+    x = sub.add_parser("export", help="copy a run's chosen checkpoints into the node's checkpoint folder")
+    x.add_argument("run", type=Path)
+    x.add_argument("--to", type=Path, required=True)
+    x.add_argument("--rows", nargs="+", default=None, help="default: every row")
+    x.add_argument("--repeat", type=int, default=None, help="default: per row, the best repeat on validation")
+
+    tb = sub.add_parser("table1", help="seed 000's Table 1 on the small synthetic cohort (generated if DIR is empty)")
+    tb.add_argument("--data", type=Path, required=True)
+    tb.add_argument("--out", type=Path, required=True)
+    tb.add_argument("--seed", type=int, default=0, help="cohort seed (only when generating)")
+    tb.add_argument("--profile", default="small")
+    tb.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (default 1: the 2-core machine is shared; timings stay comparable)")
+    run_args(tb)
+    return p
+
+
+def _device(arg: str | None, local_rank: int, world: int) -> str:
+    import torch
+
+    if arg:
+        return arg if not (arg == "cuda" and world > 1) else f"cuda:{local_rank}"
+    if torch.cuda.is_available():
+        return f"cuda:{local_rank}" if world > 1 else "cuda"
+    return "cpu"
+
+
+def _options(args: argparse.Namespace, threads: int | None) -> Any:
+    from training.loop import init_distributed
+    from training.protocols import RunOptions, parse_amp
+
+    dist = init_distributed(os.environ)
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    return RunOptions(
+        device=_device(args.device, dist.local_rank, dist.world_size),
+        amp_dtype=parse_amp(args.amp) if args.amp else None,
+        rows=tuple(args.rows) if args.rows else None,
+        repeats=args.repeats,
+        resume=not args.no_resume,
+        progress=progress,
+        num_threads=threads,
+        dist=dist,
+    )
+
+
+def _train(protocol: str, data: Path, out: Path, profile: str | None, args: argparse.Namespace,
+           threads: int | None) -> dict[str, Any]:
+    from training.protocols import get_protocol, load_config
+
+    mod = get_protocol(protocol)
+    if not data.exists():
+        from training.datasets import DatasetError
+
+        raise DatasetError("data path does not exist", path=data)
+    config = load_config(protocol, profile=profile, config_file=args.config, sets=args.sets)
+    options = _options(args, threads)
+    t0 = time.perf_counter()
+    summary = mod.run(config, data_dir=data, out_dir=out, options=options)
+    elapsed = time.perf_counter() - t0
+    if options.dist.is_main:
+        if isinstance(summary, dict) and summary.get("table_markdown"):
+            print(summary["table_markdown"])
+        print(f"\nrun folder: {out}  ({elapsed:.0f} s)")
+    return summary if isinstance(summary, dict) else {}
+
+
+def _generate(out: Path, profile: str, seed: int, n_cases: int | None, workers: int | None, overwrite: bool,
+              progress: bool, **grid: Any) -> None:
+    from training.cohort import generate_cohort
+
+    from training.protocols import ConfigError
+
+    t0 = time.perf_counter()
+    try:
+        s = generate_cohort(out, profile=profile, seed=seed, n_cases=n_cases, workers=workers, overwrite=overwrite,
+                            progress=progress, **{k: v for k, v in grid.items() if v is not None})
+    except (ValueError, FileExistsError, NotADirectoryError) as exc:  # bad sizes, a non-empty folder
+        raise ConfigError(f"generate {out}: {exc}") from exc
+    print(f"cohort written to {out} in {time.perf_counter() - t0:.0f} s: grade {s.counts['grade']}")
+
+
+def _is_empty(path: Path) -> bool:
+    return not path.exists() or (path.is_dir() and not any(path.iterdir()))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from models.checkpoint import CheckpointError
+    from training.datasets import DatasetError
+    from training.export import ExportError
+    from training.loop import ResumeError
+    from training.protocols import ConfigError, ProtocolError
+
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            _generate(args.out, args.profile, args.seed, args.n_cases, args.workers, args.overwrite,
+                      sys.stderr.isatty(), shape=args.shape, spacing=args.spacing, hgg_fraction=args.hgg_fraction)
+        elif args.command == "train":
+            _train(args.protocol, args.data, args.out, args.profile, args, args.threads)
+        elif args.command == "evaluate":
+            from training.protocols import get_protocol
+
+            info_path = args.run / "run.json"
+            if not info_path.exists():
+                raise ExportError(f"{args.run}: not a run folder (no run.json)")
+            info = json.loads(info_path.read_text())
+            mod = get_protocol(info["protocol"])
+            if not callable(getattr(mod, "evaluate", None)):
+                raise ProtocolError(f"protocol {info['protocol']!r} has no evaluate(run_dir)")
+            summary = mod.evaluate(args.run)
+            if isinstance(summary, dict) and summary.get("table_markdown"):
+                print(summary["table_markdown"])
+        elif args.command == "export":
+            from training.export import copy_checkpoints
+
+            for p in copy_checkpoints(args.run, args.to, rows=args.rows, repeat=args.repeat):
+                print(p)
+        elif args.command == "table1":
+            if _is_empty(args.data):
+                print(f"{args.data} is empty: generating the {args.profile} synthetic cohort (seed {args.seed})")
+                _generate(args.data, args.profile, args.seed, None, None, False, sys.stderr.isatty())
+            _train("promptnet", args.data, args.out, args.profile, args, args.threads)
+    except (DatasetError, ConfigError, ProtocolError, ResumeError, ExportError, CheckpointError,
+            FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
