@@ -300,7 +300,8 @@ def _validate_slices(s: Any) -> dict[str, Any] | None:
         "selection": _choice(s.get("selection", "brain_range"), ["brain_range", "all"], "slices.selection"),
         "count": _int(s["count"], "slices.count", minimum=1),
         "size": _vector(s["size"], 2, "slices.size", integer=True),
-        "normalize": _choice(s.get("normalize", "zscore_per_slice"), ["zscore_per_slice", "none"],
+        "normalize": _choice(s.get("normalize", "zscore_per_slice"),
+                             ["zscore_per_slice", "zscore_brain_per_slice", "none"],
                              "slices.normalize"),
     }
 
@@ -638,6 +639,13 @@ def _select_slices(case: _Case, s: dict[str, Any]) -> tuple[dict[str, np.ndarray
     indices[: picked.size] = picked
     slice_mask = indices >= 0
     out: dict[str, np.ndarray] = {}
+    brain: np.ndarray | None = None
+    if s["normalize"] == "zscore_brain_per_slice":
+        if case.mask is None:
+            raise PreprocessError("slices: zscore_brain_per_slice needs a brain_mask transform")
+        mstack = np.moveaxis(case.mask, axis, 0)
+        brain = np.stack([_resize2d(mstack[idx].astype(np.float32), s["size"]) > 0.5 for idx in picked]) \
+            if picked.size else np.zeros((0, *s["size"]), dtype=bool)
     for role, data in case.arrays.items():
         stack = np.moveaxis(data, axis, 0)
         res = np.zeros((count, *s["size"]), dtype=np.float32)
@@ -646,6 +654,17 @@ def _select_slices(case: _Case, s: dict[str, Any]) -> tuple[dict[str, np.ndarray
             if s["normalize"] == "zscore_per_slice":
                 m, sd = float(res[k].mean(dtype=np.float64)), float(res[k].std(dtype=np.float64))
                 res[k] = (res[k] - m) / (sd if sd > 1e-8 else 1.0)
+            elif brain is not None:
+                # Statistics of the brain pixels only, background set to 0: a slice's
+                # background share changes along the head and would otherwise rescale
+                # (and blunt) a small enhancing focus.
+                inside = brain[k]
+                if inside.any():
+                    vals = res[k][inside].astype(np.float64)
+                    m, sd = float(vals.mean()), float(vals.std())
+                    res[k] = np.where(inside, (res[k] - m) / (sd if sd > 1e-8 else 1.0), 0.0)
+                else:
+                    res[k] = 0.0
         out[role] = res
     meta = {"axis": axis, "range": [lo, hi], "count": count, "real": int(picked.size),
             "indices": indices.tolist(), "size": s["size"], "normalize": s["normalize"]}

@@ -339,7 +339,7 @@ def test_family_contract_and_spec() -> None:
     assert json.loads(json.dumps(spec)) == spec == default_spec()
     assert spec["roles"] == ["T1CE", "T2", "FLAIR"]
     assert spec["slices"] == {
-        "axis": 2, "selection": "brain_range", "count": 80, "size": [224, 224], "normalize": "zscore_per_slice"
+        "axis": 2, "selection": "brain_range", "count": 80, "size": [224, 224], "normalize": "zscore_brain_per_slice"
     }
     resample = next(t for t in spec["transforms"] if t["name"] == "resample")
     assert resample["spacing"][2] == 2.0  # the public code's 2 mm slice thickness

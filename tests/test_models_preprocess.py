@@ -344,3 +344,23 @@ def test_transpose_permutes_axes_and_keeps_world_coordinates() -> None:
     assert arr[tuple(np.round(idx).astype(int))] == 1000.0
     with pytest.raises(SpecError, match="permutation"):
         validate_spec(spec(["T1"], {"name": "transpose", "axes": [0, 0, 1]}))
+
+
+def test_slice_zscore_inside_the_brain_only() -> None:
+    """zscore_brain_per_slice: brain pixels of each slice have mean 0 / std 1, background exactly 0."""
+    import numpy as np
+
+    from models.preprocess import apply_spec
+
+    rng = np.random.default_rng(0)
+    vol = np.zeros((24, 24, 12), dtype=np.float32)
+    vol[4:20, 4:20, 2:10] = rng.normal(100.0, 10.0, size=(16, 16, 8))
+    spec = {"version": 1, "roles": ["T2"], "transforms": [{"name": "brain_mask", "method": "nonzero"}],
+            "slices": {"axis": 2, "selection": "brain_range", "count": 8, "size": [24, 24],
+                       "normalize": "zscore_brain_per_slice"}}
+    case = apply_spec(spec, {"T2": (vol, np.eye(4))})
+    arr = case.arrays["T2"]
+    inside = arr[:, 4:20, 4:20]
+    assert np.allclose(inside.mean(axis=(1, 2)), 0.0, atol=1e-4)
+    assert np.allclose(inside.std(axis=(1, 2)), 1.0, atol=1e-3)
+    assert np.count_nonzero(arr[:, :4, :]) == 0 and np.count_nonzero(arr[:, 20:, :]) == 0

@@ -139,13 +139,16 @@ def spec_for(hparams: Mapping[str, Any] | None = None) -> dict[str, Any]:
             "selection": "brain_range",
             "count": count,
             "size": [height, width],
-            "normalize": "zscore_per_slice",
+            # Inside the brain only: the public code cropped each slice to the brain before its
+            # per-slice z-score; over the whole slice the background share rescales a small
+            # enhancing focus (synthetic cohort: T1CE max AUC 0.80 vs 0.97 with brain statistics).
+            "normalize": "zscore_brain_per_slice",
         },
     }
 
 
 def default_spec() -> dict[str, Any]:
-    """Full-size spec: axial slices of the brain range at 2 mm, 224x224, per-slice z-score, up to 80."""
+    """Full-size spec: axial slices of the brain range at 2 mm, 224x224, per-slice brain z-score, up to 80."""
     return spec_for(None)
 
 
