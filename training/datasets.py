@@ -8,7 +8,7 @@ Layouts read (see docs/training-data.md for every column and rule):
 - BraTS2018/2019: ``HGG/<case>/<case>_{t1,...}.nii.gz`` and ``LGG/...``; the
   folder is the grade.
 - A site manifest CSV: one row per case, a path per role, labels grade / idh / 1p19q.
-- UCSF-PDGM: ``UCSF-PDGM-XXXX_nifti/UCSF-PDGM-XXXX_{T1,T1c,T2,FLAIR,tumor_segmentation}.nii.gz``
+- UCSF-PDGM: ``UCSF-PDGM-NNNN_nifti/UCSF-PDGM-NNNN_{T1,T1c,T2,FLAIR,tumor_segmentation}.nii.gz``
   plus its metadata CSV (``ID``, ``WHO CNS Grade``, ``IDH``, ``1p/19q``).
 
 Why so strict: a case with a missing file, a role on another grid or a label
@@ -596,7 +596,7 @@ def read_ucsf_pdgm(root: str | Path, *, metadata: str | Path | None = None,
                    relative_codeletion: int | None = 1, bias_corrected: bool = False,
                    require_roles: Iterable[str] = (), skip_missing_folders: bool = False,
                    verify: Verify = "header") -> list[Case]:
-    """Read UCSF-PDGM: ``UCSF-PDGM-XXXX_nifti`` folders (in ``root`` or one level down) + metadata CSV.
+    """Read UCSF-PDGM: ``UCSF-PDGM-NNNN_nifti`` folders (in ``root`` or one level down) + metadata CSV.
 
     ``metadata`` defaults to the single ``UCSF-PDGM-metadata*.csv`` in ``root``.
     IDs match by number: the metadata writes ``UCSF-PDGM-004`` while folders are
@@ -700,4 +700,4 @@ def read_dataset(path: str | Path, **kwargs: Any) -> list[Case]:
             return read_ucsf_pdgm(p, **kwargs)
     raise DatasetError("not a recognised dataset: expected a manifest .csv, a BraTS2020 folder "
                        "(BraTS20_Training_NNN/), a BraTS2018/2019 folder (HGG/, LGG/) or a UCSF-PDGM "
-                       "folder (UCSF-PDGM-XXXX_nifti/)", path=p)
+                       "folder (UCSF-PDGM-NNNN_nifti/)", path=p)
