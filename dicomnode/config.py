@@ -48,6 +48,36 @@ class TLSSettings:
 
 
 @dataclass(frozen=True)
+class ClientTLS:
+    """TLS when WE connect (dispatch to a PACS): ``ca_file`` verifies the PACS, cert/key identify us."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.ca_file or self.cert_file)
+
+
+@dataclass(frozen=True)
+class DestinationSettings:
+    """A PACS the node sends its reports to (C-STORE SCU)."""
+
+    ae_title: str
+    host: str
+    port: int
+    tls: ClientTLS = field(default_factory=ClientTLS)
+
+    @property
+    def name(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+SERVE_WORKER_CHOICES = ("auto", "none", "cpu", "gpu", "cpu,gpu")
+
+
+@dataclass(frozen=True)
 class Settings:
     """Every setting of the node. See the README's configuration reference."""
 
@@ -72,6 +102,25 @@ class Settings:
     sequence_rules_file: str | None = None
     log_level: str = "INFO"
     log_json: bool = False
+    # -- pipeline (convert, preprocess, infer, report, dispatch) ----------------------
+    broker_url: str = ""  # "": embedded (in-process transport); "redis://host:6379/0" for distributed
+    serve_worker: str = "auto"  # queues the serve process consumes itself; auto = cpu,gpu embedded, none with a broker
+    worker_concurrency: int = 1
+    checkpoints_dir: str | None = None  # None: data_dir/checkpoints
+    checkpoint_pins: dict[str, str] = field(default_factory=dict)
+    device: str = "auto"  # auto | cpu | cuda
+    task_soft_time_limit_s: float = 900.0
+    task_hard_time_limit_s: float = 1200.0
+    broker_visibility_timeout_s: float = 3600.0
+    max_deliveries: int = 3
+    reconcile_interval_s: float = 30.0
+    report_cannot_grade: bool = True
+    summary_image: bool = True
+    destinations: tuple[DestinationSettings, ...] = ()
+    dispatch_retry_initial_s: float = 10.0
+    dispatch_retry_max_s: float = 600.0
+    dispatch_max_attempts: int = 100
+    dispatch_poll_s: float = 2.0
 
     @property
     def data_path(self) -> Path:
@@ -83,6 +132,25 @@ class Settings:
         if self.database_url:
             return self.database_url
         return f"sqlite:///{self.data_path / 'index.sqlite3'}"
+
+    @property
+    def checkpoints_path(self) -> Path:
+        return Path(self.checkpoints_dir).resolve() if self.checkpoints_dir else self.data_path / "checkpoints"
+
+    @property
+    def embedded(self) -> bool:
+        """No external broker: the serve process runs the Celery worker on an in-process transport."""
+        return not self.broker_url
+
+    @property
+    def serve_queues(self) -> tuple[str, ...]:
+        """The Celery queues the serve process consumes itself."""
+        choice = self.serve_worker
+        if choice == "auto":
+            return ("cpu", "gpu") if self.embedded else ()
+        if choice == "none":
+            return ()
+        return tuple(choice.split(","))
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with some settings changed, validated like a loaded one."""
@@ -174,6 +242,12 @@ def _coerce(name: str, value: Any, typ: Any) -> Any:
             if isinstance(value, TLSSettings):
                 return value
             return TLSSettings(**dict(value))
+        if name == "destinations":
+            return tuple(_destination(d) for d in value)
+        if name == "checkpoint_pins":
+            if not isinstance(value, Mapping):
+                raise TypeError(f"expected a table family -> checkpoint, got {value!r}")
+            return {str(k): str(v) for k, v in value.items()}
         if base is bool:
             if isinstance(value, bool):
                 return value
@@ -205,6 +279,28 @@ def _peer(value: Any) -> Peer:
     raise TypeError(f"allowed_peers entry must be a string or a table, got {value!r}")
 
 
+def _destination(value: Any) -> DestinationSettings:
+    """A destination is a table ``{ae_title, host, port, tls?}`` or ``"AET@host:port"``."""
+    if isinstance(value, DestinationSettings):
+        return value
+    if isinstance(value, str):
+        aet, _, rest = value.partition("@")
+        host, _, port = rest.rpartition(":")
+        if not aet or not host or not port.isdigit():
+            raise TypeError(f"destination {value!r} is not AET@host:port")
+        return DestinationSettings(aet.strip(), host.strip(), int(port))
+    if isinstance(value, Mapping):
+        unknown = set(value) - {"ae_title", "host", "port", "tls"}
+        if unknown:
+            raise TypeError(f"destination has unknown key(s) {sorted(unknown)}")
+        tls = value.get("tls") or {}
+        if not isinstance(tls, Mapping):
+            raise TypeError("destination tls must be a table")
+        return DestinationSettings(str(value["ae_title"]).strip(), str(value["host"]).strip(), int(value["port"]),
+                                   ClientTLS(**dict(tls)))
+    raise TypeError(f"destinations entry must be a table or AET@host:port, got {value!r}")
+
+
 def _validate(s: Settings) -> None:
     aets = [s.ae_title] + [p.ae_title for p in s.allowed_peers]
     for aet in aets:
@@ -224,6 +320,24 @@ def _validate(s: Settings) -> None:
         (s.tls.ca_file or s.tls.require_client_cert) and not s.tls.enabled
     ):
         raise SettingsError("tls needs both cert_file and key_file")
+    for d in s.destinations:
+        if not d.ae_title or len(d.ae_title) > 16 or "\\" in d.ae_title:
+            raise SettingsError(f"destination AE title {d.ae_title!r}: 1-16 characters, no backslash")
+        if not 0 < d.port < 65536:
+            raise SettingsError(f"destination {d.name}: port out of range")
+    if s.serve_worker not in SERVE_WORKER_CHOICES:
+        raise SettingsError(f"serve_worker {s.serve_worker!r} is not one of {', '.join(SERVE_WORKER_CHOICES)}")
+    if s.broker_url and not s.broker_url.startswith(("redis://", "rediss://", "memory://")):
+        raise SettingsError(f"broker_url {s.broker_url!r}: use redis://host:port/db (or leave empty for embedded)")
+    if s.device not in ("auto", "cpu", "cuda"):
+        raise SettingsError(f"device {s.device!r} is not auto, cpu or cuda")
+    if not 0 < s.task_soft_time_limit_s < s.task_hard_time_limit_s < s.broker_visibility_timeout_s:
+        raise SettingsError("need 0 < task_soft_time_limit_s < task_hard_time_limit_s < broker_visibility_timeout_s "
+                            "(a task running past the visibility timeout is delivered twice)")
+    if s.max_deliveries < 1 or s.worker_concurrency < 1 or s.dispatch_max_attempts < 1:
+        raise SettingsError("max_deliveries, worker_concurrency and dispatch_max_attempts must be at least 1")
+    if not 0 < s.dispatch_retry_initial_s <= s.dispatch_retry_max_s:
+        raise SettingsError("need 0 < dispatch_retry_initial_s <= dispatch_retry_max_s")
     if s.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise SettingsError(f"log_level {s.log_level!r} is not DEBUG, INFO, WARNING or ERROR")
 

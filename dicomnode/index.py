@@ -185,6 +185,29 @@ class DueVersion:
 
 
 @dataclass(frozen=True)
+class VersionInfo:
+    version_id: int
+    study_id: int
+    study_instance_uid: str
+    version: int
+    state: str
+    completed_at: float | None
+
+
+@dataclass(frozen=True)
+class VersionInput:
+    """A series of a completed version with its role and every stored instance (paths relative to data_dir)."""
+
+    role: str
+    status: str
+    reason: str
+    series_instance_uid: str
+    series_number: int | None
+    series_description: str | None
+    instances: tuple[tuple[str, str, str], ...]  # (path, sop_class_uid, sop_instance_uid), arrival order
+
+
+@dataclass(frozen=True)
 class StoredFile:
     series_instance_uid: str
     sop_class_uid: str
@@ -490,6 +513,50 @@ class Index:
             ).all()
         return [StoredFile(*r) for r in rows]
 
+    def version_info(self, version_id: int) -> VersionInfo | None:
+        with self.session() as s:
+            row = s.execute(
+                select(StudyVersion.id, StudyVersion.study_id, Study.study_instance_uid, StudyVersion.version,
+                       StudyVersion.state, StudyVersion.completed_at)
+                .join(Study, Study.id == StudyVersion.study_id)
+                .where(StudyVersion.id == version_id)
+            ).first()
+        return VersionInfo(*row) if row else None
+
+    def completed_versions(self) -> list[VersionInfo]:
+        with self.session() as s:
+            rows = s.execute(
+                select(StudyVersion.id, StudyVersion.study_id, Study.study_instance_uid, StudyVersion.version,
+                       StudyVersion.state, StudyVersion.completed_at)
+                .join(Study, Study.id == StudyVersion.study_id)
+                .where(StudyVersion.state == COMPLETE)
+                .order_by(StudyVersion.id)
+            ).all()
+        return [VersionInfo(*r) for r in rows]
+
+    def version_inputs(self, version_id: int) -> list[VersionInput]:
+        """Every series of a completed version with its role; instances up to and including that version."""
+        info = self.version_info(version_id)
+        if info is None:
+            return []
+        with self.session() as s:
+            series = s.execute(
+                select(VersionSeries.role, VersionSeries.status, VersionSeries.reason, Series.id,
+                       Series.series_instance_uid, Series.series_number, Series.series_description)
+                .join(Series, Series.id == VersionSeries.series_id)
+                .where(VersionSeries.version_id == version_id)
+                .order_by(Series.id)
+            ).all()
+            out = []
+            for role, status, reason, series_id, uid, number, desc in series:
+                inst = s.execute(
+                    select(Instance.path, Instance.sop_class_uid, Instance.sop_instance_uid)
+                    .where(Instance.series_id == series_id, Instance.version <= info.version)
+                    .order_by(Instance.id)
+                ).all()
+                out.append(VersionInput(role, status, reason, uid, number, desc, tuple(tuple(r) for r in inst)))
+        return out
+
     def known_paths(self) -> set[str]:
         with self.session() as s:
             return set(s.scalars(select(Instance.path)).all())
@@ -551,6 +618,7 @@ class Index:
                         )
                     out_versions.append(
                         {
+                            "version_id": v.id,
                             "version": v.version,
                             "state": v.state,
                             "opened_at": _iso(v.opened_at),

@@ -54,6 +54,7 @@ class CheckpointInfo:
     hparams: dict[str, Any]
     training_data: dict[str, Any]
     versions: dict[str, str]
+    spec: dict[str, Any] = field(default_factory=dict)  # the validated preprocessing spec (serving prepares with it)
 
     def load(self, *, map_location: str = "cpu", families: Mapping[str, ModelFamily] | None = None
              ) -> LoadedCheckpoint:
@@ -155,7 +156,8 @@ class CheckpointRegistry:
             self.checkpoints.append(CheckpointInfo(
                 path=path, family=loaded.family.name, sha256=loaded.sha256, created=loaded.created,
                 input_roles=loaded.input_roles, labels=loaded.labels, metrics=loaded.metrics,
-                hparams=loaded.hparams, training_data=loaded.training_data, versions=loaded.versions))
+                hparams=loaded.hparams, training_data=loaded.training_data, versions=loaded.versions,
+                spec=loaded.spec))
             del loaded
 
     # ------------------------------------------------------------------ choosing

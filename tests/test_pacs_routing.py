@@ -19,59 +19,7 @@ import pytest
 from conftest import need
 from dicomnode.synth import make_phantom, write_study
 from nodeutil import NODE_AET, NodeProcess, free_port
-
-
-class Orthanc:
-    """Orthanc started on free loopback ports with its own storage, as a hospital PACS stand-in."""
-
-    def __init__(self, workdir: Path, node_port: int) -> None:
-        self.dicom_port, self.http_port = free_port(), free_port()
-        cfg = {
-            "Name": "test-pacs",
-            "DicomAet": "ORTHANC",
-            "DicomPort": self.dicom_port,
-            "HttpPort": self.http_port,
-            "StorageDirectory": str(workdir / "storage"),
-            "IndexDirectory": str(workdir / "index"),
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "DicomModalities": {"node": [NODE_AET, "127.0.0.1", node_port]},
-            "Plugins": [],
-        }
-        (workdir / "orthanc.json").write_text(json.dumps(cfg))
-        self.log = open(workdir / "orthanc.log", "wb")
-        self.proc = subprocess.Popen(["Orthanc", str(workdir / "orthanc.json")], stdout=self.log,
-                                     stderr=subprocess.STDOUT, env={**os.environ, "TCP_NODELAY": "1"})
-        deadline = time.time() + 30
-        while True:
-            try:
-                self.get("/system")
-                return
-            except OSError:
-                if time.time() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError("Orthanc did not start") from None
-                time.sleep(0.2)
-
-    def request(self, method: str, path: str, body: bytes | None = None) -> Any:
-        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=body, method=method)
-        with urllib.request.urlopen(req, timeout=120) as rsp:
-            return json.loads(rsp.read() or b"null")
-
-    def get(self, path: str) -> Any:
-        return self.request("GET", path)
-
-    def upload(self, files: list[Path]) -> str:
-        """Store files in Orthanc; returns its study id."""
-        study = None
-        for f in files:
-            study = self.request("POST", "/instances", f.read_bytes())["ParentStudy"]
-        assert study
-        return study
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=20)
-        self.log.close()
+from pacs import Orthanc
 
 
 @pytest.fixture

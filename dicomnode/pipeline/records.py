@@ -1,0 +1,92 @@
+"""Which report each study version produced: for supersession, status and the outbox.
+
+Kept in the index (not only as files) because a new version's report must name
+the one it replaces even when the earlier report was made on another host.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from sqlalchemy import JSON, Float, ForeignKey, Integer, String, delete, insert, select
+from sqlalchemy.orm import Mapped, mapped_column
+
+from ..index import Base, Index, VersionInfo
+from .results import Superseded, VersionResult
+
+SR_MODALITY = "SR"
+
+
+class ReportRow(Base):
+    __tablename__ = "reports"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("study_versions.id"), unique=True)
+    study_id: Mapped[int] = mapped_column(Integer, index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    sr_sop_instance_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    sr_series_instance_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    files: Mapped[list[Any]] = mapped_column(JSON)  # relative to data_dir
+    summary: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+def summarise(result: VersionResult) -> dict[str, Any]:
+    """What ``dicomnode status`` shows per version: findings per model, or why there are none (no PHI)."""
+    return {
+        "cannot_grade": result.cannot_grade,
+        "available_roles": result.available_roles,
+        "missing_roles": result.missing_roles,
+        "models": [
+            {"family": m.family, "checkpoint": m.checkpoint_sha256[:12], "device": m.device,
+             "seconds": round(m.seconds, 3),
+             "findings": {t.task: {"label": t.label, "probability": round(t.probability, 4)} for t in m.tasks}}
+            for m in result.results
+        ],
+        "quality_flags": result.quality_flags,
+    }
+
+
+class Reports:
+    def __init__(self, index: Index, data_path: Path) -> None:
+        self.index = index
+        self.data_path = data_path
+        Base.metadata.create_all(index.engine, tables=[ReportRow.__table__])
+
+    def record(self, info: VersionInfo, files: list[Path], result: VersionResult, *, sent_report: bool) -> None:
+        sr_uid = sr_series = None
+        rel: list[str] = []
+        for f in files:
+            ds = dcmread(f, stop_before_pixels=True)
+            if ds.Modality == SR_MODALITY:
+                sr_uid, sr_series = str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID)
+            rel.append(str(Path(f).resolve().relative_to(self.data_path)))
+        with self.index.engine.begin() as c:
+            c.execute(delete(ReportRow).where(ReportRow.version_id == info.version_id))
+            c.execute(insert(ReportRow).values(
+                version_id=info.version_id, study_id=info.study_id, version=info.version,
+                sr_sop_instance_uid=sr_uid, sr_series_instance_uid=sr_series, files=rel,
+                summary={**summarise(result), "report_sent": sent_report}, created_at=time.time()))
+
+    def files(self, version_id: int) -> list[str]:
+        with self.index.engine.connect() as c:
+            row = c.execute(select(ReportRow.files).where(ReportRow.version_id == version_id)).first()
+        return list(row[0]) if row else []
+
+    def previous(self, study_id: int, version: int) -> Superseded | None:
+        """The newest earlier version's SR of this study, which a new version's report supersedes."""
+        with self.index.engine.connect() as c:
+            row = c.execute(
+                select(ReportRow.version, ReportRow.sr_sop_instance_uid, ReportRow.sr_series_instance_uid)
+                .where(ReportRow.study_id == study_id, ReportRow.version < version,
+                       ReportRow.sr_sop_instance_uid.is_not(None))
+                .order_by(ReportRow.version.desc())
+            ).first()
+        return Superseded(row[0], row[1], row[2]) if row else None
+
+    def by_version(self) -> dict[int, dict[str, Any]]:
+        with self.index.engine.connect() as c:
+            rows = c.execute(select(ReportRow.version_id, ReportRow.sr_sop_instance_uid, ReportRow.files,
+                                    ReportRow.summary)).all()
+        return {v: {"sr_sop_instance_uid": uid, "files": files, **summary} for v, uid, files, summary in rows}
