@@ -39,8 +39,61 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    setup_logging(settings.log_level, settings.log_json)
+    from .pipeline.service import run_worker
+
+    queues = [q.strip() for q in args.queues.split(",") if q.strip()]
+    if not queues or any(q not in ("cpu", "gpu") for q in queues):
+        print("dicomnode worker: --queues must be cpu, gpu or cpu,gpu", file=sys.stderr)
+        return 2
+    try:
+        run_worker(settings, queues, concurrency=args.concurrency, pool=args.pool)
+    except ValueError as exc:
+        print(f"dicomnode worker: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    """Operator action: failed (parked) pipeline steps and parked deliveries back into the queue."""
+    settings = _settings(args)
+    from .dispatch import Outbox
+    from .index import Index
+    from .pipeline.service import Pipeline
+
+    index = Index(settings.index_url)
+    try:
+        refs = Pipeline(settings, index).jobs.retry(args.version_id)
+        sent = Outbox(index, settings).retry(None) if args.deliveries else 0
+        if refs:
+            index.add_event("retry", f"operator retry of {len(refs)} failed step(s)")
+    finally:
+        index.close()
+    print(f"{len(refs)} failed step(s) set back to pending (the running node queues them within "
+          f"reconcile_interval_s = {settings.reconcile_interval_s:g} s); {sent} parked deliveries retried")
+    return 0
+
+
 def cmd_echo(args: argparse.Namespace) -> int:
     from .scu import Destination, echo
+
+    if args.destinations:
+        from .dispatch import echo_destinations
+
+        settings = _settings(args)
+        if not settings.destinations:
+            print("no destinations configured")
+            return 1
+        ok = True
+        for name, good, detail in echo_destinations(settings):
+            print(f"C-ECHO {name}: {'ok' if good else 'FAILED'} {detail}".rstrip())
+            ok = ok and good
+        return 0 if ok else 1
+    if args.host is None or args.port is None or args.aet is None:
+        print("dicomnode echo: give HOST PORT --aet AET, or --destinations", file=sys.stderr)
+        return 2
 
     status = echo(Destination(args.aet, args.host, args.port), calling_ae=args.calling, timeout_s=args.timeout)
     if status is None:
@@ -74,9 +127,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     if settings.database_url is None and not (settings.data_path / "index.sqlite3").exists():
         doc: dict = {"schema": "dicomnode.status/1", "generated_at": None, "studies": []}
     else:
+        from .pipeline.monitor import full_status
+
         index = Index(settings.index_url)
         try:
-            doc = index.status()
+            doc = full_status(index, settings)
         finally:
             index.close()
     if args.json:
@@ -88,7 +143,22 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"study {st['id']}  instances {st['instances']}  duplicates {st['duplicates']}")
         for v in st["versions"]:
             print(f"  version {v['version']}: {v['state']}"
-                  + (f" ({v['complete_reason']}, {v['completed_at']})" if v["completed_at"] else ""))
+                  + (f" ({v['complete_reason']}, {v['completed_at']})" if v["completed_at"] else "")
+                  + f"  pipeline: {v.get('pipeline_state', '-')}")
+            for stage, step in v.get("pipeline", {}).items():
+                secs = f"{step['seconds']:.2f} s" if step.get("seconds") is not None else ""
+                err = f"  {step['error']}" if step.get("error") else ""
+                print(f"    step {stage:10} {step['state']:8} deliveries {step['deliveries']} {secs}{err}")
+            rep = v.get("report")
+            if rep:
+                if rep.get("cannot_grade"):
+                    print(f"    report: cannot grade: {rep['cannot_grade']}")
+                for m in rep.get("models", []):
+                    finds = ", ".join(f"{t} {f['label']} (p={f['probability']:.2f})" for t, f in m["findings"].items())
+                    print(f"    report: {m['family']}: {finds}")
+            for d in v.get("deliveries", []):
+                print(f"    delivery to {d.get('destination')}: {d.get('state')}"
+                      + (f" ({d.get('last_error')})" if d.get("last_error") else ""))
             for se in v["series"]:
                 role = se["role"] or "-"
                 print(f"    #{se['series_number'] if se['series_number'] is not None else '?':>4} "
@@ -124,6 +194,18 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    setup_logging("WARNING" if not args.verbose else settings.log_level, settings.log_json)
+    from .demo import run_demo
+
+    workdir = Path(args.workdir)
+    if settings.data_dir == Settings().data_dir:  # the demo keeps its data apart from a real node's
+        settings = settings.replace(data_dir=str(workdir / "node-data"),
+                                    checkpoints_dir=settings.checkpoints_dir or str(workdir / "checkpoints"))
+    return run_demo(settings, workdir, without_t1ce=args.without_t1ce)
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     settings = _settings(args)
     print(json.dumps(dataclasses.asdict(settings), indent=2, default=str))
@@ -135,13 +217,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="TOML settings file (env DICOMNODE_<SETTING> overrides it)")
     sub = p.add_subparsers(dest="command", required=True)
 
-    sp = sub.add_parser("serve", help="run the node: C-ECHO/C-STORE listener, assembly")
+    sp = sub.add_parser("serve", help="run the node: listener, assembly, pipeline (embedded worker by default), dispatch")
     sp.set_defaults(func=cmd_serve)
 
-    sp = sub.add_parser("echo", help="C-ECHO a DICOM peer")
-    sp.add_argument("host")
-    sp.add_argument("port", type=int)
-    sp.add_argument("--aet", required=True, help="called AE title of the peer")
+    sp = sub.add_parser("worker", help="a pipeline worker process (distributed mode, needs broker_url)")
+    sp.add_argument("--queues", default="cpu,gpu", help="cpu, gpu or cpu,gpu (GPU hosts: gpu)")
+    sp.add_argument("--concurrency", type=int, default=None, help="task slots (default: worker_concurrency)")
+    sp.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"],
+                    help="prefork (default) enforces time limits and requeues on worker loss")
+    sp.set_defaults(func=cmd_worker)
+
+    sp = sub.add_parser("retry", help="operator: queue failed pipeline steps (and parked deliveries) again")
+    sp.add_argument("--version-id", type=int, default=None, help="only this study version (status --json: version_id)")
+    sp.add_argument("--deliveries", action="store_true", help="also retry parked deliveries")
+    sp.set_defaults(func=cmd_retry)
+
+    sp = sub.add_parser("echo", help="C-ECHO a DICOM peer, or every configured destination")
+    sp.add_argument("host", nargs="?")
+    sp.add_argument("port", type=int, nargs="?")
+    sp.add_argument("--aet", help="called AE title of the peer")
+    sp.add_argument("--destinations", action="store_true", help="C-ECHO every configured destination")
     sp.add_argument("--calling", default="DICOMNODE", help="our calling AE title")
     sp.add_argument("--timeout", type=float, default=10.0)
     sp.set_defaults(func=cmd_echo)
@@ -170,6 +265,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--grade", default="HGG", choices=["HGG", "LGG"])
     sp.add_argument("--shape", type=int, nargs=3, default=[64, 64, 40])
     sp.set_defaults(func=cmd_synth)
+
+    sp = sub.add_parser("demo", help="train demo checkpoints if none, run the node and a local PACS, "
+                                     "send a synthetic study, show the report")
+    sp.add_argument("--workdir", default="./dicomnode-demo", help="where the demo writes everything")
+    sp.add_argument("--without-t1ce", action="store_true", help="send T1, T2, FLAIR only (the PromptNet path)")
+    sp.add_argument("--verbose", action="store_true", help="the node's log on the terminal")
+    sp.set_defaults(func=cmd_demo)
 
     sp = sub.add_parser("config", help="print the effective settings")
     sp.set_defaults(func=cmd_config)

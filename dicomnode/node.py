@@ -8,7 +8,9 @@ from types import FrameType
 
 from .assemble import Assembler
 from .config import Settings
-from .index import Index
+from .dispatch import Dispatcher, Outbox
+from .index import DueVersion, Index
+from .pipeline.service import Pipeline
 from .receive import StorageSCP
 from .spool import Spool
 
@@ -21,13 +23,38 @@ class Node:
         settings.data_path.mkdir(parents=True, exist_ok=True)
         self.index = Index(settings.index_url)
         self.spool = Spool(settings.data_path, fsync=settings.fsync)
-        self.assembler = Assembler(settings, self.index, self.spool)
+        self.outbox = Outbox(self.index, settings)
+        self.dispatcher = Dispatcher(self.outbox, settings.dispatch_poll_s)
+        self.pipeline = Pipeline(settings, self.index, after_dispatch=self.dispatcher.nudge)
+        self.assembler = Assembler(settings, self.index, self.spool, on_complete=self._on_complete)
         self.scp = StorageSCP(settings, self.index, self.spool, on_release=self.assembler.nudge)
         self._stopped = threading.Event()
 
+    def _on_complete(self, due: DueVersion) -> None:
+        self.pipeline.start_version(due.version_id, due.study_id)
+
+    def check_checkpoints(self) -> None:
+        """List and validate the checkpoints once at start-up, so a bad file is reported now, not per study."""
+        from models.registry import CheckpointRegistry
+
+        path = self.settings.checkpoints_path
+        reg = CheckpointRegistry(path, pins=self.settings.checkpoint_pins) if path.exists() else None
+        valid = [f"{c.family} {c.path.name} ({c.sha256[:12]})" for c in (reg.checkpoints if reg else [])]
+        for bad in reg.invalid if reg else []:
+            log.error("checkpoint %s refused: %s", bad.path.name, bad.error)
+            self.index.add_event("checkpoint_refused", f"{bad.path.name}: {bad.error}")
+        if valid:
+            log.info("checkpoints in %s: %s", path, "; ".join(valid))
+        else:
+            log.warning("no valid checkpoint in %s: every study will get a report saying it could not be graded "
+                        "(train one with `python -m training`, or run `dicomnode demo`)", path)
+
     def start(self) -> None:
-        """Recover the spool, resume assembly from the index, then open the port (in that order)."""
+        """Recover the spool, resume the pipeline and assembly from the index, then open the port (in that order)."""
         self.spool.recover(self.index.known_paths())
+        self.check_checkpoints()
+        self.pipeline.start(self.settings.serve_queues)
+        self.dispatcher.start()
         self.assembler.start()
         self.scp.start()
         self.index.add_event("node_started", f"listening as {self.settings.ae_title} on port {self.scp.port}")
@@ -35,6 +62,8 @@ class Node:
     def stop(self) -> None:
         self.scp.stop()
         self.assembler.stop()
+        self.pipeline.stop()
+        self.dispatcher.stop()
         self.index.add_event("node_stopped", "clean shutdown")
         self.index.close()
         self._stopped.set()

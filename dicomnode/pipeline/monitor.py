@@ -6,24 +6,24 @@ added fields only, so existing readers keep working.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
+from ..config import Settings
 from ..index import Index
 from .jobs import STAGES, Jobs
 from .records import Reports
 
 
-def full_status(index: Index, data_path: Path) -> dict[str, Any]:
+def full_status(index: Index, settings: Settings) -> dict[str, Any]:
+    from ..dispatch import Outbox
+
     doc = index.status()
     jobs = Jobs(index).all_by_version()
-    reports = Reports(index, data_path).by_version()
-    try:
-        from ..dispatch.outbox import Outbox
-
-        deliveries = Outbox.by_version(index)
-    except ImportError:  # pragma: no cover - the dispatch package ships with the node
-        deliveries = {}
+    reports = Reports(index, settings.data_path).by_version()
+    deliveries: dict[int, list[dict[str, Any]]] = {}
+    for d in Outbox(index, settings).status():
+        if d["version_id"] is not None:
+            deliveries.setdefault(d["version_id"], []).append(d)
     for st in doc["studies"]:
         for v in st["versions"]:
             vid = v["version_id"]

@@ -77,7 +77,7 @@ class Runtime:
 
     @property
     def outbox(self) -> Any:
-        from ..dispatch.outbox import Outbox
+        from ..dispatch import Outbox
 
         if self._outbox is None:
             self._outbox = Outbox(self.index, self.settings)
