@@ -1,0 +1,200 @@
+"""Converted volumes -> one model's input (its checkpoint's spec), with quality flags; a case on disk.
+
+Why a thin layer over :func:`models.preprocess.apply_spec`: the preparation
+itself belongs to the models (the checkpoint's spec, the same code training
+ran), but the node must (1) turn a failure into a sentence for the report,
+(2) say when an input is unlike the training data even though it can be
+prepared, and (3) hand the prepared case to another process, possibly on
+another host (preprocess on a CPU worker, inference on a GPU worker), so
+:func:`save_case` / :func:`load_case` write and read it exactly.
+
+Quality flags (strings, each one sentence, for the SR and ``status``):
+
+- **not skull-stripped**: the models were trained on skull-stripped,
+  BraTS-style volumes and find the brain as "nonzero voxels". Measured: a
+  skull-stripped synthetic case (``training.cohort``) is nonzero in 29-35 %
+  of its field of view (real BraTS: about 16 % of 240x240x155), an
+  inscribed ellipsoid fills 52 % of its box, while a head with scalp, skull
+  and scanner noise (``dicomnode.synth.make_phantom``, through DICOM and
+  back) is nonzero in 100 % (its background noise is nonzero). Above
+  ``max_mask_fraction`` (0.6) the "brain mask" is the whole head. Limit: the
+  same head WITHOUT noise is 33 % (brain only: 21 %), so a head whose
+  background the scanner set to 0 is not caught by this share alone.
+- **few slices**: fewer than ``min_slices`` along a volume's shortest axis.
+- **non-finite voxels**: NaN/inf in a converted volume (set to 0 by the spec).
+- **brain cut**: the brain extends beyond the model's fixed field of view.
+- **short slice bag** (slice models): fewer brain slices than the model's bag size.
+"""
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from models.preprocess import PreprocessedCase, PreprocessError, SpecError, apply_spec, validate_spec
+
+CASE_FORMAT = "dicomnode.case/1"
+
+
+class PrepareError(ValueError):
+    """A case that cannot be prepared for a model; ``reason`` is one sentence for the report."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class QualityThresholds:
+    """When an input is flagged as unlike the training data (see the module docstring for the measurements)."""
+
+    max_mask_fraction: float = 0.6
+    min_slices: int = 20
+
+
+def _plain(value: Any) -> Any:
+    """JSON types only (numpy scalars and arrays, tuples -> lists), so a saved case reads back equal."""
+
+    def default(o: Any) -> Any:
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+        raise TypeError(f"not JSON data: {type(o).__name__}")
+
+    return json.loads(json.dumps(value, default=default, allow_nan=True))
+
+
+def _mask_threshold(spec: Mapping[str, Any]) -> float | None:
+    for t in spec["transforms"]:
+        if t["name"] == "brain_mask":
+            return float(t["threshold"])
+    return None
+
+
+def _source_measures(spec: Mapping[str, Any], niftis: Mapping[str, Path]) -> dict[str, dict[str, Any]]:
+    """Per role of the spec: shape, voxel size, nonzero share of the field of view (cheap, from the headers + data)."""
+    threshold = _mask_threshold(spec)
+    out: dict[str, dict[str, Any]] = {}
+    for role in spec["roles"]:
+        img = nib.load(os.fspath(niftis[role]))
+        data = np.asarray(img.dataobj, dtype=np.float32)
+        finite = np.isfinite(data)
+        entry: dict[str, Any] = {"shape": [int(n) for n in img.shape[:3]],
+                                 "zooms": [round(float(z), 4) for z in img.header.get_zooms()[:3]],
+                                 "nonfinite_voxels": int(data.size - int(finite.sum()))}
+        if threshold is not None:
+            entry["mask_fraction"] = round(float((np.abs(np.where(finite, data, 0.0)) > threshold).mean()), 4)
+        out[role] = entry
+    return out
+
+
+def quality_flags(spec: Mapping[str, Any], case: PreprocessedCase, measures: Mapping[str, Mapping[str, Any]],
+                  thresholds: QualityThresholds = QualityThresholds()) -> list[str]:
+    """The flags for one prepared case: one sentence each, in a stable order."""
+    flags: list[str] = []
+    fractions = {r: m["mask_fraction"] for r, m in measures.items() if "mask_fraction" in m}
+    big = {r: f for r, f in fractions.items() if f > thresholds.max_mask_fraction}
+    if big:
+        share = ", ".join(f"{r} {f:.0%}" for r, f in big.items())
+        flags.append(f"input does not look skull-stripped; the brain mask is the whole head (nonzero share of the "
+                     f"field of view: {share}; skull-stripped training data: under "
+                     f"{thresholds.max_mask_fraction:.0%}): the models were trained on skull-stripped volumes")
+    few = {r: min(m["shape"]) for r, m in measures.items() if min(m["shape"]) < thresholds.min_slices}
+    if few:
+        flags.append("very few slices: " + ", ".join(f"{r} has {n}" for r, n in few.items())
+                     + f" (fewer than {thresholds.min_slices})")
+    bad = {r: m["nonfinite_voxels"] for r, m in measures.items() if m.get("nonfinite_voxels")}
+    if bad:
+        flags.append("non-finite voxels (NaN/inf, set to 0): " + ", ".join(f"{r} {n}" for r, n in bad.items()))
+    for step in case.meta.get("steps", []):
+        if step.get("name") == "crop_or_pad" and step.get("brain_truncated"):
+            flags.append("the brain extends beyond the model's field of view and was cut")
+    sl = case.meta.get("slices")
+    if sl and int(sl.get("real", 0)) < int(sl.get("count", 0)):
+        flags.append(f"only {sl['real']} brain slices for a bag of {sl['count']} (the rest is padding)")
+    return flags
+
+
+def prepare(spec: Mapping[str, Any], niftis: Mapping[str, Path], *,
+            thresholds: QualityThresholds = QualityThresholds()) -> PreprocessedCase:
+    """Apply ``spec`` to the converted volumes (role -> NIfTI path); raise :class:`PrepareError` with a reason.
+
+    ``meta`` gains ``spec`` (validated: inference checks the case was prepared
+    for its checkpoint), ``quality`` (the per-role measurements) and
+    ``quality_flags``; all of ``meta`` is plain JSON data.
+    """
+    try:
+        clean = validate_spec(spec)
+    except SpecError as exc:
+        raise PrepareError(f"the checkpoint's preprocessing spec is invalid: {exc}") from exc
+    missing = [r for r in clean["roles"] if r not in niftis]
+    if missing:
+        raise PrepareError(f"missing {', '.join(missing)}: the model needs {'+'.join(clean['roles'])}")
+    try:
+        measures = _source_measures(clean, niftis)
+        case = apply_spec(clean, {r: Path(niftis[r]) for r in clean["roles"]})
+    except PreprocessError as exc:
+        raise PrepareError(f"the volumes cannot be prepared as the model expects: {exc}") from exc
+    except (OSError, nib.filebasedimages.ImageFileError, EOFError, zipfile.BadZipFile) as exc:
+        raise PrepareError(f"a converted volume cannot be read: {type(exc).__name__}: {exc}") from exc
+    meta = dict(case.meta)
+    meta["spec"] = clean
+    meta["quality"] = measures
+    case.meta = _plain(meta)
+    case.meta["quality_flags"] = quality_flags(clean, case, measures, thresholds)
+    return case
+
+
+# --------------------------------------------------------------------------- on disk
+
+
+def save_case(case: PreprocessedCase, path: Path) -> None:
+    """Write a prepared case to one ``.npz`` (arrays + JSON meta inside), atomically.
+
+    One file, so a reader never sees arrays from one write and meta from
+    another; uncompressed, because z-scored floats barely compress and the
+    next stage is waiting.
+    """
+    path = Path(path)
+    arrays: dict[str, np.ndarray] = {f"array/{role}": np.asarray(a) for role, a in case.arrays.items()}
+    arrays["affine"] = np.asarray(case.affine, dtype=np.float64)
+    for name in ("mask", "slice_mask", "slice_indices"):
+        value = getattr(case, name)
+        if value is not None:
+            arrays[name] = np.asarray(value)
+    header = {"format": CASE_FORMAT, "roles": list(case.arrays), "meta": _plain(case.meta)}
+    arrays["header.json"] = np.frombuffer(json.dumps(header, allow_nan=True).encode(), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_case(path: Path) -> PreprocessedCase:
+    """Read a case written by :func:`save_case` (no pickles: ``allow_pickle=False``)."""
+    with np.load(Path(path), allow_pickle=False) as z:
+        header = json.loads(bytes(z["header.json"]).decode())
+        if header.get("format") != CASE_FORMAT:
+            raise ValueError(f"{Path(path).name}: not a prepared case ({header.get('format')!r})")
+        arrays = {role: z[f"array/{role}"] for role in header["roles"]}
+        get = {name: (z[name] if name in z.files else None) for name in ("mask", "slice_mask", "slice_indices")}
+        return PreprocessedCase(arrays=arrays, affine=z["affine"], meta=header["meta"], mask=get["mask"],
+                                slice_mask=get["slice_mask"], slice_indices=get["slice_indices"])
+
+
+__all__ = ["CASE_FORMAT", "PrepareError", "QualityThresholds", "load_case", "prepare", "quality_flags",
+           "save_case"]

@@ -1,0 +1,335 @@
+"""The processing stages (convert, prepare, infer) on synthetic DICOM studies and real tiny checkpoints.
+
+Everything is real: studies written by ``dicomnode.synth``, dicom2nifti and the
+dcm2niix binary, checkpoints trained and exported by the training module
+(``tests/checkpoints.py``), the registry's selection rule.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import torch
+
+from checkpoints import tiny_checkpoints
+from conftest import need
+from dicomnode.pipeline.results import ModelResult
+from dicomnode.process.convert import (DCM2NIIX, DICOM2NIFTI, MANIFEST_NAME, ConvertedSeries, convert_series,
+                                       convert_version)
+from dicomnode.process.infer import ModelCache, calibrate, run_model, temperatures_of
+from dicomnode.process.prepare import PrepareError, load_case, prepare, save_case
+from dicomnode.synth import TISSUES, make_phantom, phantom_labels, write_study
+from models.checkpoint import CheckpointError, save_checkpoint
+from models.registry import CheckpointRegistry
+
+SHAPE = (48, 48, 32)
+SPACING = (4.0, 4.0, 5.0)
+HAVE_DCM2NIIX = shutil.which("dcm2niix") is not None
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def ckpt_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_checkpoints(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def phantom() -> tuple[dict[str, np.ndarray], np.ndarray]:
+    return make_phantom(shape=SHAPE, spacing=SPACING, seed=0)
+
+
+@pytest.fixture(scope="module")
+def siemens(tmp_path_factory: pytest.TempPathFactory, phantom):
+    vols, aff = phantom
+    return write_study(vols, aff, tmp_path_factory.mktemp("siemens"), vendor="siemens", enhanced=False, seed=1)
+
+
+@pytest.fixture(scope="module")
+def converted(siemens, tmp_path_factory: pytest.TempPathFactory) -> dict[str, ConvertedSeries]:
+    return convert_version({r: (siemens.series[r], siemens.files[r]) for r in siemens.series},
+                           tmp_path_factory.mktemp("work"))
+
+
+# ----------------------------------------------------------------------------- convert
+
+
+def _corners(shape, affine) -> np.ndarray:
+    idx = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)])
+    pts = (np.asarray(affine) @ idx.T).T[:, :3]
+    return pts[np.lexsort(np.round(pts, 2).T)]
+
+
+def _check_geometry(conv: ConvertedSeries, shape, affine) -> None:
+    """The NIfTI puts every voxel centre where the DICOM does: grid corners, and every image's first pixel."""
+    assert conv.ok, conv.error
+    img = nib.load(conv.nifti)
+    assert sorted(img.shape) == sorted(shape)
+    np.testing.assert_allclose(_corners(img.shape, img.affine), _corners(shape, affine), atol=1e-3)
+    inv = np.linalg.inv(img.affine)
+    slices = set()
+    for im in conv.images:
+        ras = np.asarray(im.image_position) * np.array([-1.0, -1.0, 1.0])
+        ijk = (inv @ np.array([*ras, 1.0]))[:3]
+        np.testing.assert_allclose(ijk, np.round(ijk), atol=1e-3)
+        slices.add(tuple(np.round(ijk).astype(int)))
+    assert len(slices) == len(conv.images)  # one distinct position per source image
+
+
+@pytest.mark.parametrize("vendor,enhanced,expected", [
+    ("siemens", False, {DICOM2NIFTI}),
+    ("siemens", True, {DICOM2NIFTI}),
+    ("ge", True, {DCM2NIIX}),  # dicom2nifti 2.6.2 cannot read GE Enhanced MR: the fallback runs
+])
+def test_convert_classic_and_enhanced_with_the_source_geometry(phantom, tmp_path: Path, vendor, enhanced,
+                                                              expected) -> None:
+    need(HAVE_DCM2NIIX, "dcm2niix not installed")
+    vols, aff = phantom
+    study = write_study(vols, aff, tmp_path / "study", vendor=vendor, enhanced=enhanced, seed=2)
+    for role in ("T1", "T2"):
+        files = study.files[role]
+        auto = convert_series(files, tmp_path / f"{role}.nii", role=role, series_instance_uid=study.series[role])
+        assert auto.converter in expected, auto.attempts
+        assert auto.seconds > 0 and auto.shape is not None
+        if DCM2NIIX in expected:
+            assert auto.attempts and auto.attempts[0].startswith("dicom2nifti: ")
+        n_frames = len(files) if not enhanced else int(pydicom.dcmread(files[0]).NumberOfFrames)
+        assert len(auto.images) == n_frames
+        assert all((im.frame is None) != enhanced for im in auto.images)
+        if enhanced:
+            assert sorted(im.frame for im in auto.images) == list(range(1, n_frames + 1))
+        sops = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
+        assert {im.sop_instance_uid for im in auto.images} == sops
+        assert np.all(np.diff([im.position for im in auto.images]) > 0)
+        # both converters, each on its own, put the voxels where the DICOM says
+        for conv_name in (DICOM2NIFTI, DCM2NIIX):
+            if conv_name == DICOM2NIFTI and DCM2NIIX in expected:
+                continue
+            one = convert_series(files, tmp_path / f"{role}-{conv_name}.nii.gz", role=role,
+                                 series_instance_uid=study.series[role], converters=(conv_name,))
+            assert one.converter == conv_name, one.error
+            _check_geometry(one, vols[role].shape, aff)
+        # round trip through JSON, and back to the nearest source image
+        again = ConvertedSeries.from_json(auto.to_json())
+        assert again == auto
+        mid = auto.images[len(auto.images) // 2]
+        ras = np.asarray(mid.image_position) * np.array([-1.0, -1.0, 1.0])
+        ref, dist = auto.nearest(ras)
+        assert (ref.sop_instance_uid, ref.frame, ref.series_instance_uid) == \
+            (mid.sop_instance_uid, mid.frame, study.series[role]) and dist < 1e-6
+
+
+def _rewrite(files, out: Path, **changes) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i, f in enumerate(files):
+        ds = pydicom.dcmread(f)
+        for k, v in changes.items():
+            setattr(ds, k, v)
+        p = out / f"{i:04d}.dcm"
+        ds.save_as(p)
+        written.append(p)
+    return written
+
+
+def test_broken_series_give_a_reason_not_an_exception(siemens, phantom, tmp_path: Path) -> None:
+    uid = siemens.series["T2"]
+    t2 = siemens.files["T2"]
+    one = convert_series(t2[:1], tmp_path / "one.nii", role="T2", series_instance_uid=uid)
+    assert one.error and "single slice" in one.error and one.nifti is None and not one.ok
+    assert not (tmp_path / "one.nii").exists()
+
+    tilted = _rewrite(t2[:3], tmp_path / "tilted", ImageOrientationPatient=[1, 0, 0, 0, 0.8, 0.6])
+    mixed = convert_series([*t2[3:], *tilted], tmp_path / "mixed.nii", role="T2", series_instance_uid=uid)
+    assert mixed.error and "mixed image orientations" in mixed.error
+
+    vols, aff = make_phantom(shape=(40, 40, 32), spacing=(4.8, 4.8, 5.0), seed=0)
+    other = write_study(vols, aff, tmp_path / "other", vendor="siemens", seed=1, roles=["T2"])
+    resized = _rewrite(other.files["T2"][:4], tmp_path / "resized", SeriesInstanceUID=uid)
+    sizes = convert_series([*t2[4:], *resized], tmp_path / "sizes.nii", role="T2", series_instance_uid=uid)
+    assert sizes.error and "mixed image sizes" in sizes.error
+
+    garbage = tmp_path / "garbage.dcm"
+    garbage.write_bytes(b"not dicom at all" * 10)
+    bad = convert_series([*t2[:5], garbage], tmp_path / "bad.nii", role="T2", series_instance_uid=uid)
+    assert bad.error and "unreadable" in bad.error
+
+    foreign = convert_series([*t2, *siemens.files["FLAIR"][:2]], tmp_path / "f.nii", role="T2",
+                             series_instance_uid=uid)
+    assert foreign.error and "another series" in foreign.error
+
+    # in a version: the broken role is recorded, the others convert
+    res = convert_version({"T2": (uid, t2[:1]), "FLAIR": (siemens.series["FLAIR"], siemens.files["FLAIR"])},
+                          tmp_path / "work")
+    assert res["FLAIR"].ok and not res["T2"].ok and "single slice" in (res["T2"].error or "")
+
+
+def test_convert_version_is_idempotent(siemens, tmp_path: Path) -> None:
+    series = {r: (siemens.series[r], siemens.files[r]) for r in ("T2", "FLAIR")}
+    first = convert_version(series, tmp_path)
+    mtimes = {r: Path(c.nifti).stat().st_mtime_ns for r, c in first.items()}
+    again = convert_version(series, tmp_path)
+    assert again == first
+    assert {r: Path(c.nifti).stat().st_mtime_ns for r, c in again.items()} == mtimes
+    manifest = json.loads((tmp_path / MANIFEST_NAME).read_text())
+    assert set(manifest["series"]) == {"T2", "FLAIR"}
+    # a changed input file (a re-sent instance) reconverts that role only
+    f = siemens.files["FLAIR"][0]
+    st = f.stat()
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    third = convert_version(series, tmp_path)
+    assert Path(third["T2"].nifti).stat().st_mtime_ns == mtimes["T2"]
+    assert Path(third["FLAIR"].nifti).stat().st_mtime_ns != mtimes["FLAIR"]
+    # a deleted volume is redone
+    Path(third["T2"].nifti).unlink()
+    assert convert_version(series, tmp_path)["T2"].ok
+
+
+# ----------------------------------------------------------------------------- prepare
+
+
+def test_prepare_flags_a_head_that_is_not_skull_stripped(phantom, converted, ckpt_dir: Path,
+                                                         tmp_path: Path) -> None:
+    vols, aff = phantom
+    spec = CheckpointRegistry(ckpt_dir).select(["T1", "T2", "FLAIR"])[0].checkpoint.load().spec
+    head = prepare(spec, {r: Path(c.nifti) for r, c in converted.items()})
+    assert any("skull-stripped" in f for f in head.meta["quality_flags"])
+    assert all(m["mask_fraction"] > 0.99 for m in head.meta["quality"].values())
+    # the same phantom with everything outside the brain set to 0: a BraTS-like input
+    outside = [TISSUES[t] for t in ("background", "scalp", "skull")]
+    brain = ~np.isin(phantom_labels(shape=SHAPE, spacing=SPACING, seed=0), outside)
+    paths = {}
+    for role in ("T1", "T2", "FLAIR"):
+        paths[role] = tmp_path / f"{role}.nii.gz"
+        nib.save(nib.Nifti1Image(np.where(brain, vols[role], 0).astype(np.float32), aff), paths[role])
+    stripped = prepare(spec, paths)
+    fractions = [m["mask_fraction"] for m in stripped.meta["quality"].values()]
+    assert max(fractions) < 0.6, fractions
+    assert not any("skull-stripped" in f for f in stripped.meta["quality_flags"])
+    # failures become reasons
+    with pytest.raises(PrepareError, match="missing FLAIR"):
+        prepare(spec, {r: p for r, p in paths.items() if r != "FLAIR"})
+    empty = {r: tmp_path / f"empty-{r}.nii.gz" for r in paths}
+    for p in empty.values():
+        nib.save(nib.Nifti1Image(np.zeros(SHAPE, np.float32), aff), p)
+    with pytest.raises(PrepareError, match="brain mask is empty") as err:
+        prepare(spec, empty)
+    assert err.value.reason.startswith("the volumes cannot be prepared")
+
+
+def test_save_and_load_case_round_trip_exactly(converted, ckpt_dir: Path, tmp_path: Path) -> None:
+    reg = CheckpointRegistry(ckpt_dir)
+    for sel in reg.select(["T1", "T1CE", "T2", "FLAIR"]) + reg.select(["T1", "T2", "FLAIR"]):
+        case = prepare(sel.checkpoint.load().spec, {r: Path(c.nifti) for r, c in converted.items()})
+        path = tmp_path / f"{sel.family.name}.npz"
+        save_case(case, path)
+        back = load_case(path)
+        assert list(back.arrays) == list(case.arrays)
+        for role, a in case.arrays.items():
+            assert back.arrays[role].dtype == a.dtype and np.array_equal(back.arrays[role], a)
+        for name in ("affine", "mask", "slice_mask", "slice_indices"):
+            a, b = getattr(case, name), getattr(back, name)
+            assert (a is None and b is None) or (a.dtype == b.dtype and np.array_equal(a, b)), name
+        assert back.meta == case.meta
+        assert not list(tmp_path.glob(".*.tmp"))
+
+
+# ----------------------------------------------------------------------------- infer
+
+
+def test_run_model_for_each_tiny_family(siemens, converted, ckpt_dir: Path) -> None:
+    reg = CheckpointRegistry(ckpt_dir)
+    selections = {s.family.name: s for s in reg.select(["T1", "T1CE", "T2", "FLAIR"])}
+    selections.update({s.family.name: s for s in reg.select(["T1", "T2", "FLAIR"])})
+    assert set(selections) == {"fs3dcnn", "mmdlm", "promptnet"}
+    cache = ModelCache()
+    sops = {role: {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
+            for role, files in siemens.files.items()}
+    for name, sel in selections.items():
+        ckpt = cache.get(sel.checkpoint, "cpu")
+        case = prepare(ckpt.spec, {r: Path(c.nifti) for r, c in converted.items()})
+        result = run_model(sel, case, converted, cache, device="auto")
+        assert result.family == name and result.checkpoint_sha256 == sel.checkpoint.sha256
+        assert result.device == ("cuda" if torch.cuda.is_available() else "cpu")
+        assert result.reason == sel.reason and result.training_data and result.metrics
+        assert result.quality_flags[: len(case.meta["quality_flags"])] == case.meta["quality_flags"]
+        temps = temperatures_of(ckpt)
+        for t in result.tasks:
+            assert abs(sum(t.probabilities.values()) - 1.0) < 1e-6
+            assert t.probability == t.probabilities[list(t.probabilities)[1]]
+            assert t.label == max(t.probabilities, key=t.probabilities.__getitem__)
+            assert t.calibrated == (temps[t.task] is not None)
+        assert {t.task for t in result.tasks} == ({"grade", "idh", "1p19q"} if name == "mmdlm" else {"grade"})
+        if name == "mmdlm":
+            assert result.key_slices and {k.role for k in result.key_slices} == {"T1CE", "T2", "FLAIR"}
+            for k in result.key_slices:
+                assert k.ref.series_instance_uid == siemens.series[k.role]
+                assert k.ref.sop_instance_uid in sops[k.role] and k.ref.frame is None
+                assert 0.0 < k.attention <= 1.0
+            # T1CE is sagittal in a Siemens study: an axial key slice cannot be one of its images
+            assert any("T1CE" in f and "another orientation" in f for f in result.quality_flags)
+            assert not any("T2" in f and "another orientation" in f for f in result.quality_flags)
+        else:
+            assert result.key_slices == []
+        # the result is what the report stage reads back
+        d = json.loads(json.dumps(dataclasses.asdict(result)))
+        assert ModelResult(**{**d, "tasks": result.tasks, "key_slices": result.key_slices}) == result
+    assert cache.loads == 3  # one load per checkpoint, however often it is asked for
+
+
+def test_calibration_from_probabilities_matches_training_on_logits() -> None:
+    from training.calibration import apply_temperature
+
+    rng = np.random.default_rng(0)
+    z2 = rng.normal(0, 4, size=(50, 2))
+    p2 = torch.softmax(torch.from_numpy(z2), dim=1).numpy()
+    np.testing.assert_allclose(calibrate(p2, 2.5), apply_temperature(z2, 2.5), atol=1e-9)
+    z1 = rng.normal(0, 4, size=50)  # MMDLM: one logit per task, p = (1 - s(z), s(z))
+    s = 1 / (1 + np.exp(-z1))
+    np.testing.assert_allclose(calibrate(np.stack([1 - s, s], 1), 0.4)[:, 1], apply_temperature(z1, 0.4), atol=1e-9)
+    assert np.all(np.isfinite(calibrate(np.array([[0.0, 1.0]]), 3.0)))
+
+
+def test_a_checkpoint_changed_after_listing_is_refused(ckpt_dir: Path, converted, tmp_path: Path) -> None:
+    src = ckpt_dir / "fs3dcnn-tiny.pt"
+    path = tmp_path / src.name
+    shutil.copy2(src, path)
+    reg = CheckpointRegistry(tmp_path)
+    (sel,) = reg.select(["T1", "T1CE", "T2", "FLAIR"])
+    cache = ModelCache()
+    ckpt = cache.get(sel.checkpoint, "cpu")
+    case = prepare(ckpt.spec, {r: Path(c.nifti) for r, c in converted.items()})
+    run_model(sel, case, converted, cache, device="cpu")
+    # replaced by another VALID checkpoint: same name, other content
+    save_checkpoint(path, ckpt.model, "fs3dcnn", ckpt.hparams, ckpt.spec, training_data=ckpt.training_data,
+                    metrics={"edited": True}, temperature=ckpt.temperature)
+    with pytest.raises(CheckpointError, match="changed since it was listed"):
+        run_model(sel, case, converted, cache, device="cpu")
+    with pytest.raises(CheckpointError):
+        ModelCache().get(sel.checkpoint, "cpu")
+    # a byte flipped in the file
+    raw = bytearray(src.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError):
+        cache.get(sel.checkpoint, "cpu")
+
+
+def test_a_case_prepared_for_another_spec_is_refused(converted, ckpt_dir: Path) -> None:
+    reg = CheckpointRegistry(ckpt_dir)
+    fs = reg.select(["T1", "T1CE", "T2", "FLAIR"])
+    by = {s.family.name: s for s in fs}
+    cache = ModelCache()
+    mm_case = prepare(cache.get(by["mmdlm"].checkpoint, "cpu").spec, {r: Path(c.nifti) for r, c in converted.items()})
+    with pytest.raises(ValueError, match="another spec"):
+        run_model(by["fs3dcnn"], mm_case, converted, cache, device="cpu")
