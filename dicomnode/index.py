@@ -136,6 +136,21 @@ class EventRow(Base):
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 
+class OwnObject(Base):
+    """An object the node itself made (report SR, summary image).
+
+    A PACS that routes whole studies (or every stable series) sends our own
+    reports back to us; they must not open a new study version, or every
+    report would trigger the next one.
+    """
+
+    __tablename__ = "own_objects"
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    returned: Mapped[int] = mapped_column(Integer, default=0)
+
+
 class Meta(Base):
     __tablename__ = "meta"
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -281,6 +296,28 @@ class Index:
     def is_known_instance(self, sop_instance_uid: str) -> bool:
         with self.engine.connect() as c:
             return c.execute(_KNOWN_SOP, {"uid": sop_instance_uid}).first() is not None
+
+    def add_own_objects(self, sop_instance_uids: Iterable[str], version_id: int | None) -> None:
+        """Remember what the node made, BEFORE it is sent anywhere (so it is known when it comes back)."""
+        now = time.time()
+        with self.session() as s:
+            for uid in sop_instance_uids:
+                if s.get(OwnObject, uid) is None:
+                    s.add(OwnObject(sop_instance_uid=uid, version_id=version_id, created_at=now, returned=0))
+
+    def is_own_object(self, sop_instance_uid: str) -> bool:
+        with self.engine.connect() as c:
+            return c.execute(select(OwnObject.sop_instance_uid)
+                             .where(OwnObject.sop_instance_uid == sop_instance_uid)).first() is not None
+
+    def count_returned_own_object(self, sop_instance_uid: str, calling_ae: str | None, peer: str | None) -> None:
+        with self.session() as s:
+            s.execute(update(OwnObject).where(OwnObject.sop_instance_uid == sop_instance_uid)
+                      .values(returned=OwnObject.returned + 1))
+            s.add(EventRow(at=time.time(), kind="own_object_returned",
+                           message=f"our own report {uid_tag(sop_instance_uid)} came back from {calling_ae}@{peer}; "
+                                   f"acknowledged, not stored again, no new study version",
+                           detail={"sop_instance_uid": sop_instance_uid}))
 
     def count_duplicate(self, sop_instance_uid: str, calling_ae: str | None, peer: str | None) -> None:
         """Keep the first copy; count the repeat so operators can see a PACS re-sending."""

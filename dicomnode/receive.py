@@ -320,6 +320,11 @@ class StorageSCP:
         try:
             if self.index.is_known_instance(meta.sop_instance_uid):
                 return self._duplicate(meta, calling, address)
+            if self.index.is_own_object(meta.sop_instance_uid):
+                self.index.count_returned_own_object(meta.sop_instance_uid, calling, address)
+                log.info("our own report %s came back from %r: Success, not stored again",
+                         uid_tag(meta.sop_instance_uid), calling)
+                return SUCCESS
             rel, size = self.spool.commit(tmp)
             try:
                 outcome = self.index.add_instance(meta, rel, size, calling, address)

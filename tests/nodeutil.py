@@ -164,3 +164,44 @@ def store(port: int, *datasets: "Dataset | Path", calling: str = "GOODSCU") -> l
     return statuses
 
 
+
+
+class WorkerProcess:
+    """``python -m dicomnode worker --queues Q`` with the same settings as a node (distributed mode)."""
+
+    def __init__(self, node: NodeProcess, queues: str, name: str) -> None:
+        self.node, self.queues = node, queues
+        self.log_path = node.data_dir.parent / f"worker-{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60.0) -> WorkerProcess:
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        logf = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "dicomnode", "worker", "--queues", self.queues],
+                                     env=self.node.env(), cwd=REPO, stdout=logf, stderr=logf, start_new_session=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()}")
+            if "ready." in self.log()[offset:]:
+                return self
+            time.sleep(0.1)
+        raise TimeoutError(f"worker not ready within {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill9(self) -> None:
+        """SIGKILL the worker and its pool children (its own process group), as a crash would."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()

@@ -57,11 +57,14 @@ class Reports:
     def record(self, info: VersionInfo, files: list[Path], result: VersionResult, *, sent_report: bool) -> None:
         sr_uid = sr_series = None
         rel: list[str] = []
+        uids: list[str] = []
         for f in files:
             ds = dcmread(f, stop_before_pixels=True)
+            uids.append(str(ds.SOPInstanceUID))
             if ds.Modality == SR_MODALITY:
                 sr_uid, sr_series = str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID)
             rel.append(str(Path(f).resolve().relative_to(self.data_path)))
+        self.index.add_own_objects(uids, info.version_id)
         with self.index.engine.begin() as c:
             c.execute(delete(ReportRow).where(ReportRow.version_id == info.version_id))
             c.execute(insert(ReportRow).values(

@@ -1,0 +1,279 @@
+"""From a PACS to a Structured Report back in the PACS, with real parts only.
+
+A real Orthanc (Debian package) holds a synthetic brain MR study and routes it
+to a real ``dicomnode serve`` process (REST ``/modalities/node/store``); the
+node assembles, converts, preprocesses, runs tiny but real checkpoints made by
+the training module, writes the SR and summary image, and sends them back by
+C-STORE; the test reads them from Orthanc and checks them with dcmtk's
+``dsrdump`` and dicom3tools' ``dciodvfy``. Embedded mode (in-process Celery
+worker) and distributed mode (Redis broker, PostgreSQL index, separate
+``cpu`` and ``gpu`` worker processes), plus crashes: ``kill -9`` during
+inference, and a PACS that is down when the report is due.
+
+The tiny checkpoints learn next to nothing: these tests check the path, never
+the probabilities.
+"""
+from __future__ import annotations
+
+import random
+import shutil
+import sqlite3
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from checkpoints import tiny_checkpoints
+from conftest import dcmtk_tool, need
+from dicomnode.synth import make_phantom, write_study
+from nodeutil import NodeProcess, WorkerProcess, free_port
+from pacs import Orthanc
+
+ALL_ROLES = ("T1", "T1CE", "T2", "FLAIR")
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def ckpt_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_checkpoints(tmp_path_factory)
+
+
+@pytest.fixture
+def tools() -> None:
+    need(shutil.which("Orthanc") is not None, "Orthanc (Debian package orthanc)")
+    need(shutil.which("dciodvfy") is not None, "dciodvfy (Debian package dicom3tools)")
+    dcmtk_tool("dsrdump")
+
+
+def study_files(out: Path, roles: tuple[str, ...] = ALL_ROLES, seed: int = 3) -> list[Path]:
+    volumes, affine = make_phantom(shape=(64, 64, 40), seed=seed, tumour=True, grade="HGG")
+    return write_study(volumes, affine, out, vendor="siemens", seed=seed, roles=roles).all_files()
+
+
+def wait(what: str, check: Callable[[], Any], timeout: float, every: float = 0.5) -> Any:
+    deadline = time.time() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.time() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout:.0f} s")
+        time.sleep(every)
+
+
+def reports_in(orthanc: Orthanc, study: str, modality: str = "SR") -> list[str]:
+    try:
+        return orthanc.instances_by_modality(study, modality)
+    except OSError:
+        return []
+
+
+def check_sr(orthanc: Orthanc, instance: str, tmp: Path, *expected: str) -> str:
+    """dciodvfy finds no error; dsrdump shows TID 1500, the finding and a probability. Returns dsrdump's text."""
+    path = tmp / f"{instance}.dcm"
+    path.write_bytes(orthanc.get_bytes(f"/instances/{instance}/file"))
+    v = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+    errors = [ln for ln in (v.stdout + v.stderr).splitlines() if ln.startswith("Error")]
+    assert not errors, "\n".join(errors)
+    dump = subprocess.run([dcmtk_tool("dsrdump"), "+Pt", "-Ec", str(path)], capture_output=True, text=True, check=True).stdout
+    assert "TID 1500" in dump, dump[:2000]
+    for text in expected:
+        assert text in dump, f"{text!r} not in dsrdump output:\n{dump}"
+    return dump
+
+
+def check_sc(orthanc: Orthanc, instance: str, tmp: Path) -> None:
+    path = tmp / f"{instance}.dcm"
+    path.write_bytes(orthanc.get_bytes(f"/instances/{instance}/file"))
+    v = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+    errors = [ln for ln in (v.stdout + v.stderr).splitlines() if ln.startswith("Error")]
+    assert not errors, "\n".join(errors)
+
+
+def route(orthanc: Orthanc, files: list[Path]) -> str:
+    study = orthanc.upload(files)
+    orthanc.request("POST", "/modalities/node/store", study.encode())
+    return study
+
+
+@pytest.fixture
+def pacs_and_node(tmp_path: Path, tools: None, ckpt_dir: Path) -> Iterator[tuple[Orthanc, NodeProcess]]:
+    port = free_port()
+    orthanc = Orthanc(tmp_path / "pacs", port)
+    node = NodeProcess(tmp_path / "data", port=port, quiet_period_s=2, allowed_peers=["ORTHANC@127.0.0.1", "OPERATOR"],
+                       destinations=[orthanc.destination], checkpoints_dir=str(ckpt_dir),
+                       dispatch_retry_initial_s=1, dispatch_retry_max_s=2, dispatch_poll_s=0.5,
+                       reconcile_interval_s=2)
+    node.start(timeout=90)
+    yield orthanc, node
+    node.stop()
+    orthanc.stop()
+
+
+def test_embedded_four_sequences_sr_and_summary_in_the_pacs_once(pacs_and_node: tuple[Orthanc, NodeProcess],
+                                                                   tmp_path: Path) -> None:
+    orthanc, node = pacs_and_node
+    study = route(orthanc, study_files(tmp_path / "study"))
+    srs = wait("SR in Orthanc", lambda: reports_in(orthanc, study), 240)
+    wait("summary image in Orthanc", lambda: reports_in(orthanc, study, "OT") or reports_in(orthanc, study, "SC"), 30)
+    assert len(srs) == 1
+    dump = check_sr(orthanc, srs[0], tmp_path, "Probability", "Finding")
+    assert "fs3dcnn" in dump or "mmdlm" in dump
+    sc = reports_in(orthanc, study, "OT") or reports_in(orthanc, study, "SC")
+    check_sc(orthanc, sc[0], tmp_path)
+    doc = node.status()
+    version = doc["studies"][0]["versions"][-1]
+    assert version["pipeline_state"] == "done", version
+    families = {m["family"] for m in version["report"]["models"]}
+    assert families == {"fs3dcnn", "mmdlm"}  # all four roles: the contrast-free path steps aside
+    assert all(d["state"] == "sent" for d in version["deliveries"])
+    # the same study routed again: duplicates, no new version, still exactly one SR
+    orthanc.request("POST", "/modalities/node/store", study.encode())
+    time.sleep(8)
+    doc = node.status()
+    assert len(doc["studies"][0]["versions"]) == 1 and doc["studies"][0]["duplicates"] > 0
+    assert len(reports_in(orthanc, study)) == 1
+
+
+def test_embedded_without_t1ce_takes_the_promptnet_path(pacs_and_node: tuple[Orthanc, NodeProcess],
+                                                        tmp_path: Path) -> None:
+    orthanc, node = pacs_and_node
+    study = route(orthanc, study_files(tmp_path / "study", roles=("T1", "T2", "FLAIR"), seed=5))
+    srs = wait("SR in Orthanc", lambda: reports_in(orthanc, study), 240)
+    dump = check_sr(orthanc, srs[0], tmp_path, "promptnet")
+    assert "T1CE" in dump  # named as missing
+    version = node.status()["studies"][0]["versions"][-1]
+    assert [m["family"] for m in version["report"]["models"]] == ["promptnet"]
+    assert version["report"]["missing_roles"] == ["T1CE"]
+
+
+def test_a_study_that_cannot_be_graded_gets_an_sr_saying_why(pacs_and_node: tuple[Orthanc, NodeProcess],
+                                                             tmp_path: Path) -> None:
+    orthanc, node = pacs_and_node
+    study = route(orthanc, study_files(tmp_path / "study", roles=("T2",), seed=6))
+    srs = wait("SR in Orthanc", lambda: reports_in(orthanc, study), 240)
+    check_sr(orthanc, srs[0], tmp_path, "FLAIR")
+    version = node.status()["studies"][0]["versions"][-1]
+    assert version["report"]["cannot_grade"] and version["report"]["models"] == []
+
+
+def _step_state(index_file: Path, stage: str) -> str | None:
+    try:
+        with sqlite3.connect(f"file:{index_file}?mode=ro", uri=True, timeout=1) as c:
+            row = c.execute("SELECT state FROM jobs WHERE stage = ?", (stage,)).fetchone()
+    except sqlite3.Error:
+        return None
+    return row[0] if row else None
+
+
+def test_embedded_kill9_during_inference_then_restart_gives_exactly_one_sr(
+        pacs_and_node: tuple[Orthanc, NodeProcess], tmp_path: Path) -> None:
+    orthanc, node = pacs_and_node
+    study = route(orthanc, study_files(tmp_path / "study", seed=8))
+    index_file = node.data_dir / "index.sqlite3"
+    wait("inference running", lambda: _step_state(index_file, "infer") == "running", 240, every=0.005)
+    node.kill9()
+    assert _step_state(index_file, "infer") == "running"
+    assert reports_in(orthanc, study) == []
+    node.start(timeout=90)
+    srs = wait("SR in Orthanc after restart", lambda: reports_in(orthanc, study), 240)
+    time.sleep(5)
+    assert len(reports_in(orthanc, study)) == 1 == len(srs)
+    infer = node.status()["studies"][0]["versions"][-1]["pipeline"]["infer"]
+    assert infer["state"] == "done" and infer["deliveries"] == 2
+
+
+def test_pacs_down_when_the_report_is_due_then_back_after_a_node_restart(
+        pacs_and_node: tuple[Orthanc, NodeProcess], tmp_path: Path) -> None:
+    orthanc, node = pacs_and_node
+    orthanc.stop()
+    files = study_files(tmp_path / "study", seed=9)
+    r = node.cli("send", str(tmp_path / "study"), "--to", f"{node.settings['ae_title']}@127.0.0.1:{node.port}",
+                 "--calling", "OPERATOR")
+    assert "sent" in r.stdout and len(files) > 0
+
+    def pending() -> bool:
+        v = node.status()["studies"][0]["versions"][-1]
+        return bool(v["deliveries"]) and all(d["state"] == "pending" and d["attempts"] >= 2 for d in v["deliveries"])
+
+    wait("deliveries retried while the PACS is down", pending, 240, every=1)
+    node.stop()
+    node.start(timeout=90)
+    orthanc.start()
+    study = wait("study in Orthanc", lambda: orthanc.get("/studies"), 60)[0]
+    srs = wait("SR in Orthanc after it came back", lambda: reports_in(orthanc, study), 60)
+    assert len(srs) == 1
+    v = node.status()["studies"][0]["versions"][-1]
+    assert all(d["state"] == "sent" for d in v["deliveries"])
+
+
+# -- distributed mode ----------------------------------------------------------------------
+
+
+def _redis_up() -> bool:
+    try:
+        import redis
+
+        return bool(redis.Redis(host="127.0.0.1", port=6379, socket_timeout=2).ping())
+    except Exception:
+        return False
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    need(_redis_up(), "Redis on 127.0.0.1:6379")
+    import redis
+
+    db = random.randint(1, 15)
+    client = redis.Redis(host="127.0.0.1", port=6379, db=db)
+    client.flushdb()
+    yield f"redis://127.0.0.1:6379/{db}"
+    client.flushdb()
+
+
+def test_distributed_redis_postgres_separate_cpu_and_gpu_workers_and_kill9_of_the_gpu_worker(
+        tmp_path: Path, tools: None, ckpt_dir: Path, redis_url: str, pg_url: str) -> None:
+    port = free_port()
+    orthanc = Orthanc(tmp_path / "pacs", port)
+    node = NodeProcess(tmp_path / "data", port=port, quiet_period_s=2, allowed_peers=["ORTHANC@127.0.0.1"],
+                       destinations=[orthanc.destination], checkpoints_dir=str(ckpt_dir), broker_url=redis_url,
+                       database_url=pg_url, reconcile_interval_s=1, dispatch_poll_s=0.5)
+    workers: list[WorkerProcess] = []
+    try:
+        node.start(timeout=90)
+        cpu = WorkerProcess(node, "cpu", "cpu").start()
+        gpu = WorkerProcess(node, "gpu", "gpu").start()
+        workers += [cpu, gpu]
+        # 1. a study end to end through both queues
+        study = route(orthanc, study_files(tmp_path / "s1", seed=12))
+        srs = wait("SR in Orthanc (distributed)", lambda: reports_in(orthanc, study), 240)
+        check_sr(orthanc, srs[0], tmp_path, "Probability")
+        v = node.status()["studies"][0]["versions"][-1]
+        assert v["pipeline_state"] == "done"
+        # 2. kill -9 of the gpu worker (and its pool child) while it infers; a new gpu worker finishes the job
+        study2 = route(orthanc, study_files(tmp_path / "s2", seed=13))
+
+        import psycopg
+
+        with psycopg.connect(pg_url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as pg:
+            def infer_running() -> bool:
+                row = pg.execute("SELECT state FROM jobs WHERE stage = 'infer' AND study_id = 2").fetchone()
+                return bool(row) and row[0] == "running"
+
+            wait("inference running on the gpu worker", infer_running, 240, every=0.005)
+        gpu.kill9()
+        gpu2 = WorkerProcess(node, "gpu", "gpu2").start()
+        workers.append(gpu2)
+        srs2 = wait("SR in Orthanc after the gpu worker was killed", lambda: reports_in(orthanc, study2), 240)
+        time.sleep(4)
+        assert len(reports_in(orthanc, study2)) == 1 == len(srs2)
+        v2 = [st for st in node.status()["studies"] if st["id"] == 2][0]["versions"][-1]
+        assert v2["pipeline"]["infer"]["state"] == "done" and v2["pipeline"]["infer"]["deliveries"] >= 2
+    finally:
+        for w in workers:
+            w.stop()
+        node.stop()
+        orthanc.stop()
