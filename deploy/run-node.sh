@@ -2,12 +2,17 @@
 # The README's "run it" command: installs the node into .venv on first use
 # (CPU build of torch, no CUDA download) and runs it on its embedded default:
 # listener on 127.0.0.1:11112 as GLIOMANODE, index and spool in ./dicomnode-data,
-# no external services. Arguments go to `dicomnode`, e.g. --config node.toml.
+# no external services. Options go to `dicomnode` before `serve`, e.g.
+# --config node.toml; a first argument that is a command runs that command
+# instead, e.g. `bash deploy/run-node.sh demo` (the README's "run it").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/dicomnode ]; then
   python3 -m venv .venv
   .venv/bin/pip install -q torch==2.13.0
   .venv/bin/pip install -q -e .
+fi
+if [ $# -gt 0 ] && [[ "$1" != -* ]]; then
+  exec .venv/bin/dicomnode "$@"
 fi
 exec .venv/bin/dicomnode "$@" serve

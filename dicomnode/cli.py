@@ -203,7 +203,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if settings.data_dir == Settings().data_dir:  # the demo keeps its data apart from a real node's
         settings = settings.replace(data_dir=str(workdir / "node-data"),
                                     checkpoints_dir=settings.checkpoints_dir or str(workdir / "checkpoints"))
-    return run_demo(settings, workdir, without_t1ce=args.without_t1ce)
+    return run_demo(settings, workdir, without_t1ce=args.without_t1ce, quick=args.quick)
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -271,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--workdir", default="./dicomnode-demo", help="where the demo writes everything")
     sp.add_argument("--without-t1ce", action="store_true", help="send T1, T2, FLAIR only (the PromptNet path)")
     sp.add_argument("--verbose", action="store_true", help="the node's log on the terminal")
+    sp.add_argument("--quick", action="store_true",
+                    help="smoke test: tiny demo models in seconds (they grade nothing meaningfully)")
     sp.set_defaults(func=cmd_demo)
 
     sp = sub.add_parser("config", help="print the effective settings")

@@ -14,6 +14,7 @@ floor may, to make a demo cohort and checkpoint).
 from __future__ import annotations
 
 import logging
+import shutil
 import socket
 import time
 from dataclasses import dataclass, field
@@ -51,6 +52,8 @@ class LocalPACS:
 
     def start(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
+        for old in self.folder.glob("*.dcm"):  # a previous demo's objects: this run shows its own
+            old.unlink()
         ae = AE(ae_title=PACS_AET)
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax)
@@ -71,8 +74,14 @@ class LocalPACS:
         self._server.shutdown()
 
 
-def held_out_study(case_dir: Path, out_dir: Path, *, roles: tuple[str, ...], seed: int) -> list[Path]:
-    """A BraTS-layout case written as a DICOM study (the node's tests and demo use the cohort this way)."""
+def held_out_study(case_dir: Path, out_dir: Path, *, roles: tuple[str, ...], seed: int) -> tuple[str, list[Path]]:
+    """A BraTS-layout case written as a DICOM study (the node's tests and demo use the cohort this way).
+
+    A new Study Instance UID per call: a second demo run is a new study, not
+    duplicates of the first one.
+    """
+    from pydicom.uid import generate_uid
+
     from .synth import write_study
 
     volumes: dict[str, np.ndarray] = {}
@@ -85,9 +94,11 @@ def held_out_study(case_dir: Path, out_dir: Path, *, roles: tuple[str, ...], see
         volumes[role] = np.asarray(img.dataobj, dtype=np.float32)
         affine = img.affine if affine is None else affine
     assert affine is not None
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
     written = write_study(volumes, affine, out_dir, vendor="siemens", seed=seed, patient_name="DEMO^SYNTHETIC",
-                          patient_id="DEMO0001")
-    return written.all_files()
+                          patient_id="DEMO0001", study_instance_uid=generate_uid())
+    return written.study_instance_uid, written.all_files()
 
 
 def _stage_table(version: dict[str, Any]) -> str:
@@ -97,7 +108,7 @@ def _stage_table(version: dict[str, Any]) -> str:
 
 
 def run_demo(settings: Settings, workdir: Path, *, without_t1ce: bool = False, timeout_s: float = 900.0,
-             echo: Any = print) -> int:
+             quick: bool = False, echo: Any = print) -> int:
     """Everything the module docstring says; returns a process exit code."""
     from models.registry import CheckpointRegistry
 
@@ -114,15 +125,17 @@ def run_demo(settings: Settings, workdir: Path, *, without_t1ce: bool = False, t
     registry = CheckpointRegistry(ck_dir)
     case_dirs: list[Path] = []
     if not registry.checkpoints:
-        from training.demo import make_demo_checkpoints
+        from training.demo import make_demo_checkpoints, summary_lines
 
         echo(f"No checkpoint in {ck_dir}: training demo checkpoints on a synthetic cohort "
-             f"(synthetic data only, NOT for clinical use; a few minutes on 2 CPU cores) ...")
+             f"(synthetic data only, NOT for clinical use; "
+             f"{'--quick: tiny models that grade nothing meaningfully' if quick else 'a few minutes on 2 CPU cores'}) ...")
         t0 = time.perf_counter()
-        art = make_demo_checkpoints(ck_dir, work_dir=workdir / "training", seed=0)
+        art = make_demo_checkpoints(ck_dir, work_dir=workdir / "training", seed=0, size="tiny" if quick else "demo")
         timings["train demo checkpoints"] = time.perf_counter() - t0
-        echo(f"  trained in {timings['train demo checkpoints']:.0f} s; held-out metrics: {art.metrics}")
-        case_dirs = list(art.held_out)
+        for line in summary_lines(art):
+            echo(f"  {line}")
+        case_dirs = list(art.held_out_cases)
     else:
         echo(f"Using {len(registry.checkpoints)} checkpoint(s) from {ck_dir}")
     if not case_dirs:
@@ -134,7 +147,7 @@ def run_demo(settings: Settings, workdir: Path, *, without_t1ce: bool = False, t
         case_dirs = sorted(p for p in cohort.iterdir() if p.is_dir())
     case = case_dirs[0]
     roles = ("T1", "T2", "FLAIR") if without_t1ce else ("T1", "T1CE", "T2", "FLAIR")
-    study_files = held_out_study(case, workdir / "study", roles=roles, seed=11)
+    study_uid, study_files = held_out_study(case, workdir / "study", roles=roles, seed=11)
     echo(f"Synthetic study from held-out case {case.name}: {len(study_files)} files, roles {'+'.join(roles)}")
 
     pacs = LocalPACS(workdir / "pacs")
@@ -158,7 +171,7 @@ def run_demo(settings: Settings, workdir: Path, *, without_t1ce: bool = False, t
         version: dict[str, Any] | None = None
         while time.time() < deadline:
             doc = full_status(node.index, node_settings)
-            versions = [v for st in doc["studies"] for v in st["versions"]]
+            versions = [v for st in doc["studies"] if st["study_instance_uid"] == study_uid for v in st["versions"]]
             if versions and versions[-1].get("pipeline_state", "").startswith("failed"):
                 version = versions[-1]
                 break

@@ -100,8 +100,9 @@ def model(family: str, roles: list[str], tasks: list[TaskResult], sha: str = SHA
         family=family, paper={"promptnet": "seed 000 (adaptive PromptNet)", "mmdlm": "seed 002 (MMDLM)"}[family],
         checkpoint_name=f"{family}-2026.ckpt", checkpoint_sha256=sha, checkpoint_created="2026-02-01T00:00:00Z",
         input_roles=roles, reason=reason or f"{family} runs on {'+'.join(roles)}.", tasks=tasks,
-        key_slices=key_slices or [], training_data={"cohort": "BraTS2020 (synthetic stand-in)", "cases": 369},
-        metrics={"auc": {"grade": 0.912}, "folds": 5}, device="cpu", seconds=1.5,
+        key_slices=key_slices or [], training_data={"description": "BraTS2020 (synthetic stand-in)",
+                                                    "train": {"n_cases": 295, "labels": {"grade": {"HGG": 234, "LGG": 61}}}},
+        metrics={"test": {"auc": 0.912, "n": 74, "sensitivity": 0.9, "specificity": 0.8}}, device="cpu", seconds=1.5,
         quality_flags=["bias field strong in FLAIR"] if family == "promptnet" else [])
 
 
@@ -203,7 +204,7 @@ def test_promptnet_sr_without_t1ce(promptnet_result, study, tmp_path):
     assert "checkpoint promptnet-2026.ckpt sha256:" + SHA_A in dump
     assert '"Missing inputs")="T1CE"' in dump
     assert "bias field strong in FLAIR" in dump
-    assert "auc.grade: 0.912" in dump and "BraTS2020" in dump
+    assert "held-out test (n=74): auc 0.91" in dump and "BraTS2020" in dump
 
     ds = pydicom.dcmread(sr_path)
     src = pydicom.dcmread(study.files["T2"][0], stop_before_pixels=True)

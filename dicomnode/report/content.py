@@ -69,6 +69,44 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> list[str]:
     return lines
 
 
+def _fmt(v: Any) -> str:
+    return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+
+def training_text(training_data: Mapping[str, Any], task: str) -> str:
+    """One sentence a clinician can read: what the model learned from (the checkpoint holds the rest)."""
+    parts = [str(training_data.get("description") or "not described")]
+    for part in ("train", "val"):
+        d = training_data.get(part)
+        if not isinstance(d, Mapping) or "n_cases" not in d:
+            continue
+        labels = d.get("labels", {}).get(task) if isinstance(d.get("labels"), Mapping) else None
+        counts = ""
+        if isinstance(labels, Mapping):
+            counts = " (" + ", ".join(f"{k} {v}" for k, v in labels.items() if k != "missing" and v) + ")"
+        parts.append(f"{'training' if part == 'train' else 'validation'}: {d['n_cases']} cases{counts}")
+    if training_data.get("protocol"):
+        parts.append(f"protocol {training_data['protocol']}" + (f", row {training_data['row']}" if training_data.get("row") else ""))
+    return "; ".join(parts)
+
+
+def metrics_text(metrics: Mapping[str, Any], task: str) -> str:
+    """The checkpoint's held-out and validation figures for this task (AUC first), or a short fallback."""
+    out = []
+    for part, name in (("test", "held-out test"), ("val", "validation")):
+        m = metrics.get(part)
+        if isinstance(m, Mapping) and isinstance(m.get(task), Mapping):
+            m = m[task]
+        if not isinstance(m, Mapping) or "auc" not in m:
+            continue
+        figures = [f"{k} {_fmt(m[k])}" for k in ("auc", "sensitivity", "specificity", "accuracy") if k in m]
+        out.append(f"{name} (n={m.get('n', '?')}): " + ", ".join(figures))
+    if out:
+        return "; ".join(out)
+    aucs = [line for line in flatten(metrics) if "auc" in line.split(":")[0]]
+    return "; ".join(aucs[:6]) or "not recorded"
+
+
 def probabilities_text(task: TaskResult) -> str:
     """All class probabilities in the task's own class order, so the numeric item is never read alone."""
     parts = [f"P({label}) = {p:.3f}" for label, p in task.probabilities.items()]
@@ -180,8 +218,8 @@ def task_group(model: ModelResult, task: TaskResult, result: VersionResult, *, r
     ]
     items += [text_item(c.KEY_SLICE, key_slice_text(k))
               for k in sorted(model.key_slices, key=lambda k: (-k.attention, k.role, k.ref.sop_instance_uid))]
-    items.append(text_item(c.TRAINING_DATA, "; ".join(flatten(model.training_data)) or "not recorded"))
-    items.append(text_item(c.VALIDATION_METRICS, "; ".join(flatten(model.metrics)) or "not recorded"))
+    items.append(text_item(c.TRAINING_DATA, training_text(model.training_data, task.task)))
+    items.append(text_item(c.VALIDATION_METRICS, metrics_text(model.metrics, task.task)))
     items += [text_item(c.QUALITY_FLAG, flag) for flag in model.quality_flags]
     group[0].ContentSequence.extend(items)
     return group
