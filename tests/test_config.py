@@ -86,3 +86,31 @@ def test_readme_documents_every_setting() -> None:
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     for name, _, _ in settings_reference():
         assert f"`{name}`" in readme, f"README configuration reference misses {name}"
+
+
+def test_destinations_as_tables_strings_and_env(tmp_path: Path) -> None:
+    cfg = tmp_path / "node.toml"
+    cfg.write_text('[[destinations]]\nae_title = "PACS"\nhost = "10.0.0.5"\nport = 104\n'
+                   'tls = { ca_file = "/etc/ca.pem" }\n')
+    s = load_settings(cfg, environ={})
+    assert [d.name for d in s.destinations] == ["PACS@10.0.0.5:104"] and s.destinations[0].tls.enabled
+    s = load_settings(None, environ={"DICOMNODE_DESTINATIONS": '["ARCHIVE@pacs.example.org:11112"]'})
+    assert (s.destinations[0].ae_title, s.destinations[0].host, s.destinations[0].port) == (
+        "ARCHIVE", "pacs.example.org", 11112)
+    for bad, message in (('["nohostport"]', "AET@host:port"), ('[{"ae_title": "A", "host": "h", "port": 0}]', "port"),
+                         ('[{"ae_title": "A", "host": "h", "port": 1, "colour": "red"}]', "unknown key")):
+        with pytest.raises(SettingsError, match=message):
+            load_settings(None, environ={"DICOMNODE_DESTINATIONS": bad})
+
+
+def test_pipeline_mode_and_limits() -> None:
+    assert Settings().embedded and Settings().serve_queues == ("cpu", "gpu")
+    distributed = Settings().replace(broker_url="redis://127.0.0.1:6379/3")
+    assert not distributed.embedded and distributed.serve_queues == ()
+    assert distributed.replace(serve_worker="gpu").serve_queues == ("gpu",)
+    with pytest.raises(SettingsError, match="visibility timeout"):
+        Settings().replace(task_hard_time_limit_s=4000.0)
+    with pytest.raises(SettingsError, match="broker_url"):
+        Settings().replace(broker_url="amqp://guest@localhost//")
+    with pytest.raises(SettingsError, match="serve_worker"):
+        Settings().replace(serve_worker="tpu")
