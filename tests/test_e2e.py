@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydicom import dcmread
 
 from checkpoints import tiny_checkpoints
 from conftest import dcmtk_tool, need
@@ -277,3 +278,48 @@ def test_distributed_redis_postgres_separate_cpu_and_gpu_workers_and_kill9_of_th
             w.stop()
         node.stop()
         orthanc.stop()
+
+
+def test_a_late_contrast_series_makes_version_2_whose_sr_supersedes_the_first(
+        pacs_and_node: tuple[Orthanc, NodeProcess], tmp_path: Path) -> None:
+    orthanc, node = pacs_and_node
+    r = node.cli("echo", "--destinations")
+    assert r.returncode == 0 and "ok" in r.stdout
+    files = study_files(tmp_path / "study", seed=14)
+    first = [f for f in files if f.parent.name != "T1CE"]
+    late = [f for f in files if f.parent.name == "T1CE"]
+    study = orthanc.upload(first)
+    orthanc.request("POST", "/modalities/node/store", study.encode())
+    sr1 = wait("first SR", lambda: reports_in(orthanc, study), 240)
+    orthanc.upload(late)
+    # route only the new series, as an OnStableSeries auto-routing rule would
+    series = orthanc.get(f"/studies/{study}/series")
+    new = [s["ID"] for s in series if s["MainDicomTags"].get("SeriesNumber") in {str(dcmread(late[0]).SeriesNumber)}]
+    assert len(new) == 1
+    orthanc.request("POST", "/modalities/node/store", new[0].encode())
+    srs = wait("second SR", lambda: (lambda s: s if len(s) == 2 else None)(reports_in(orthanc, study)), 240)
+    second = [i for i in srs if i not in sr1][0]
+    check_sr(orthanc, second, tmp_path, "Supersedes report")
+    uid1 = orthanc.get(f"/instances/{sr1[0]}/simplified-tags")["SOPInstanceUID"]
+    sr2 = dcmread(tmp_path / f"{second}.dcm")
+    predecessors = [ref.ReferencedSOPInstanceUID for st in sr2.PredecessorDocumentsSequence
+                    for se in st.ReferencedSeriesSequence for ref in se.ReferencedSOPSequence]
+    assert predecessors == [uid1]
+    versions = node.status()["studies"][0]["versions"]
+    assert [v["version"] for v in versions] == [1, 2]
+    assert [m["family"] for m in versions[0]["report"]["models"]] == ["promptnet"]
+    assert {m["family"] for m in versions[1]["report"]["models"]} == {"fs3dcnn", "mmdlm"}
+
+
+def test_an_invalid_checkpoint_is_refused_at_start_up_and_the_node_still_serves(tmp_path: Path, ckpt_dir: Path) -> None:
+    ck = tmp_path / "ckpts"
+    shutil.copytree(ckpt_dir, ck)
+    (ck / "broken.pt").write_bytes(b"not a checkpoint")
+    node = NodeProcess(tmp_path / "data", checkpoints_dir=str(ck)).start(timeout=90)
+    try:
+        assert "checkpoint broken.pt refused" in node.log()
+        events = node.cli("events", "--json").stdout
+        assert "checkpoint_refused" in events
+        assert node.cli("echo", "127.0.0.1", str(node.port), "--aet", node.settings["ae_title"]).returncode == 0
+    finally:
+        node.stop()
