@@ -550,26 +550,23 @@ class Index:
             ).all()
         return [StoredFile(*r) for r in rows]
 
-    def version_info(self, version_id: int) -> VersionInfo | None:
-        with self.session() as s:
-            row = s.execute(
-                select(StudyVersion.id, StudyVersion.study_id, Study.study_instance_uid, StudyVersion.version,
-                       StudyVersion.state, StudyVersion.completed_at)
-                .join(Study, Study.id == StudyVersion.study_id)
-                .where(StudyVersion.id == version_id)
-            ).first()
-        return VersionInfo(*row) if row else None
-
-    def completed_versions(self) -> list[VersionInfo]:
+    def _versions(self, *where: Any) -> list[VersionInfo]:
         with self.session() as s:
             rows = s.execute(
                 select(StudyVersion.id, StudyVersion.study_id, Study.study_instance_uid, StudyVersion.version,
                        StudyVersion.state, StudyVersion.completed_at)
                 .join(Study, Study.id == StudyVersion.study_id)
-                .where(StudyVersion.state == COMPLETE)
+                .where(*where)
                 .order_by(StudyVersion.id)
             ).all()
         return [VersionInfo(*r) for r in rows]
+
+    def version_info(self, version_id: int) -> VersionInfo | None:
+        found = self._versions(StudyVersion.id == version_id)
+        return found[0] if found else None
+
+    def completed_versions(self) -> list[VersionInfo]:
+        return self._versions(StudyVersion.state == COMPLETE)
 
     def version_inputs(self, version_id: int) -> list[VersionInput]:
         """Every series of a completed version with its role; instances up to and including that version."""

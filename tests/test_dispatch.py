@@ -438,30 +438,6 @@ def test_a_failing_pump_does_not_end_the_dispatcher(tmp_path: Path, make_outbox,
 # -- (g) two pumps on one database send each row exactly once -----------------------------
 
 
-def _pg_available() -> bool:
-    try:
-        import psycopg
-
-        with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres", connect_timeout=3):
-            return True
-    except Exception:
-        return False
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A throw-away PostgreSQL database for one test."""
-    need(_pg_available(), "PostgreSQL on 127.0.0.1:5432")
-    import psycopg
-
-    name = f"dicomnode_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres", autocommit=True) as c:
-        c.execute(f'CREATE DATABASE "{name}"')
-    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres", autocommit=True) as c:
-        c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 @pytest.mark.parametrize("db", ["postgresql", "sqlite"])
 def test_two_pumps_on_one_database_send_each_row_exactly_once(
     tmp_path: Path, make_outbox, scps, request: pytest.FixtureRequest, db: str
@@ -502,26 +478,6 @@ def test_two_pumps_on_one_database_send_each_row_exactly_once(
 
 
 # -- TLS and echo ------------------------------------------------------------------------
-
-
-def openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate."""
-    need(shutil.which("openssl") is not None, "openssl CLI")
-    d = tmp_path_factory.mktemp("pki")
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-            "-subj", "/CN=dispatch-test-ca", cwd=d)
-    for name in ("server", "client"):
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                "-subj", f"/CN={name}", cwd=d)
-        (d / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext", cwd=d)
-    return d
 
 
 def test_tls_destination_with_client_certificate(tmp_path: Path, make_outbox, scps, pki: Path) -> None:

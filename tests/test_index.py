@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 from pydicom.uid import generate_uid
 
-from conftest import need
 from dicomnode.index import Index, InstanceMeta
 from nodeutil import NodeProcess, mr_dataset, store
 

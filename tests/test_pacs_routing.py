@@ -4,21 +4,15 @@ Also covers `dicomnode send` (our own SCU) and Enhanced MR multi-frame input.
 """
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import subprocess
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from conftest import need
 from dicomnode.synth import make_phantom, write_study
-from nodeutil import NODE_AET, NodeProcess, free_port
+from nodeutil import NODE_AET, NodeProcess
 from pacs import Orthanc
 
 

@@ -1,39 +1,15 @@
 """TLS with client-certificate verification, and the association limit, over real sockets."""
 from __future__ import annotations
 
-import shutil
 import ssl
-import subprocess
 import time
 from pathlib import Path
 
-import pytest
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from conftest import need
 from nodeutil import MR, NODE_AET, NodeProcess, associate, mr_dataset
-
-
-def openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate, made with the openssl CLI."""
-    need(shutil.which("openssl") is not None, "openssl CLI")
-    d = tmp_path_factory.mktemp("pki")
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-            "-subj", "/CN=test-ca", cwd=d)
-    for name in ("server", "client"):
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                "-subj", f"/CN={name}", cwd=d)
-        (d / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext", cwd=d)
-    return d
 
 
 def tls_associate(port: int, pki: Path, client_cert: bool):
