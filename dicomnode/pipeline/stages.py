@@ -59,12 +59,20 @@ class Runtime:
 
     # -- shared, lazily built parts -------------------------------------------------------------
 
+    _listing: tuple[tuple[str, int, int], ...] | None = None
+
     @property
     def registry(self) -> Any:
+        """The checkpoints, validated again only when the directory changed (validation hashes every weight)."""
         from models.registry import CheckpointRegistry
 
-        if self._registry is None:
-            self._registry = CheckpointRegistry(self.settings.checkpoints_path, pins=self.settings.checkpoint_pins)
+        root = self.settings.checkpoints_path
+        listing = tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                               for p in root.iterdir() if p.is_file())) if root.is_dir() else ()
+        if self._registry is None or listing != self._listing:
+            self._registry = CheckpointRegistry(root, pins=self.settings.checkpoint_pins) if root.is_dir() \
+                else CheckpointRegistry([], pins=self.settings.checkpoint_pins)
+            self._listing = listing
         return self._registry
 
     @property
@@ -153,7 +161,6 @@ def step_preprocess(rt: Runtime, info: VersionInfo) -> dict[str, Any]:
 
     converted = _converted(rt, info)
     available = [r for r in ROLES if r in converted and converted[r].nifti is not None]
-    rt.registry.refresh()
     plan: dict[str, Any] = {"available": available,
                             "decisions": [{"family": d.family, "runs": d.runs, "reason": d.reason}
                                           for d in rt.registry.explain(available)],
@@ -214,9 +221,6 @@ def step_infer(rt: Runtime, info: VersionInfo) -> dict[str, Any]:
             flags.append(f"{run['family']} did not run: preprocessing failed ({run['error']})")
             continue
         info_ck = by_sha.get(run["sha256"])
-        if info_ck is None:
-            rt.registry.refresh()
-            info_ck = next((c for c in rt.registry.checkpoints if c.sha256 == run["sha256"]), None)
         if info_ck is None:
             flags.append(f"{run['family']} did not run: its checkpoint {run['sha256'][:12]} is no longer registered")
             continue
