@@ -154,7 +154,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                 if rep.get("cannot_grade"):
                     print(f"    report: cannot grade: {rep['cannot_grade']}")
                 for m in rep.get("models", []):
-                    finds = ", ".join(f"{t} {f['label']} (p={f['probability']:.2f})" for t, f in m["findings"].items())
+                    finds = ", ".join(f"{t} {f['label']} (P({f.get('positive_class', 'positive')}) = {f['probability']:.2f})"
+                                      for t, f in m["findings"].items())
                     print(f"    report: {m['family']}: {finds}")
             for d in v.get("deliveries", []):
                 print(f"    delivery to {d.get('destination')}: {d.get('state')}"

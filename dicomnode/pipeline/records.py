@@ -14,7 +14,7 @@ from sqlalchemy import JSON, Float, ForeignKey, Integer, String, delete, insert,
 from sqlalchemy.orm import Mapped, mapped_column
 
 from ..index import Base, Index, VersionInfo
-from .results import Superseded, VersionResult
+from .results import Superseded, TaskResult, VersionResult
 
 SR_MODALITY = "SR"
 
@@ -32,6 +32,14 @@ class ReportRow(Base):
     created_at: Mapped[float] = mapped_column(Float)
 
 
+def _positive(task: TaskResult) -> str:
+    """The class whose probability ``task.probability`` is (the positive one, models.base.TASKS[task][1]).
+
+    Found by value because the JSON hand-over between steps sorts keys.
+    """
+    return min(task.probabilities, key=lambda name: abs(task.probabilities[name] - task.probability))
+
+
 def summarise(result: VersionResult) -> dict[str, Any]:
     """What ``dicomnode status`` shows per version: findings per model, or why there are none (no PHI)."""
     return {
@@ -41,7 +49,8 @@ def summarise(result: VersionResult) -> dict[str, Any]:
         "models": [
             {"family": m.family, "checkpoint": m.checkpoint_sha256[:12], "device": m.device,
              "seconds": round(m.seconds, 3),
-             "findings": {t.task: {"label": t.label, "probability": round(t.probability, 4)} for t in m.tasks}}
+             "findings": {t.task: {"label": t.label, "probability": round(t.probability, 4),
+                                   "positive_class": _positive(t)} for t in m.tasks}}
             for m in result.results
         ],
         "quality_flags": result.quality_flags,
