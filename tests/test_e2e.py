@@ -161,29 +161,44 @@ def test_a_study_that_cannot_be_graded_gets_an_sr_saying_why(pacs_and_node: tupl
     assert version["report"]["cannot_grade"] and version["report"]["models"] == []
 
 
-def _step_state(index_file: Path, stage: str) -> str | None:
+def _step_state(index_file: Path, stage: str, study_id: int) -> str | None:
     try:
         with sqlite3.connect(f"file:{index_file}?mode=ro", uri=True, timeout=1) as c:
-            row = c.execute("SELECT state FROM jobs WHERE stage = ?", (stage,)).fetchone()
+            row = c.execute("SELECT state FROM jobs WHERE stage = ? AND study_id = ?", (stage, study_id)).fetchone()
     except sqlite3.Error:
         return None
     return row[0] if row else None
 
 
+def catch_inference(send: Callable[[int], str], state_of: Callable[[int], str | None], first_study_id: int,
+                    tries: int = 3) -> tuple[str, int]:
+    """Send studies until one is seen with inference running (a fast model may finish between two polls).
+
+    Returns the Orthanc study id and the node's study id of the one caught running.
+    """
+    for k in range(tries):
+        study, sid = send(k), first_study_id + k
+        state = wait("inference running or done", lambda: (lambda st: st if st in ("running", "done") else None)(
+            state_of(sid)), 240, every=0.002)
+        if state == "running":
+            return study, sid
+    raise AssertionError(f"inference finished between two polls {tries} times; cannot test a kill during it")
+
+
 def test_embedded_kill9_during_inference_then_restart_gives_exactly_one_sr(
         pacs_and_node: tuple[Orthanc, NodeProcess], tmp_path: Path) -> None:
     orthanc, node = pacs_and_node
-    study = route(orthanc, study_files(tmp_path / "study", seed=8))
     index_file = node.data_dir / "index.sqlite3"
-    wait("inference running", lambda: _step_state(index_file, "infer") == "running", 240, every=0.005)
+    study, sid = catch_inference(lambda k: route(orthanc, study_files(tmp_path / f"study{k}", seed=8 + 100 * k)),
+                                 lambda sid: _step_state(index_file, "infer", sid), first_study_id=1)
     node.kill9()
-    assert _step_state(index_file, "infer") == "running"
+    assert _step_state(index_file, "infer", sid) == "running"
     assert reports_in(orthanc, study) == []
     node.start(timeout=90)
     srs = wait("SR in Orthanc after restart", lambda: reports_in(orthanc, study), 240)
     time.sleep(5)
     assert len(reports_in(orthanc, study)) == 1 == len(srs)
-    infer = node.status()["studies"][0]["versions"][-1]["pipeline"]["infer"]
+    infer = [st for st in node.status()["studies"] if st["id"] == sid][0]["versions"][-1]["pipeline"]["infer"]
     assert infer["state"] == "done" and infer["deliveries"] == 2
 
 
@@ -255,23 +270,23 @@ def test_distributed_redis_postgres_separate_cpu_and_gpu_workers_and_kill9_of_th
         v = node.status()["studies"][0]["versions"][-1]
         assert v["pipeline_state"] == "done"
         # 2. kill -9 of the gpu worker (and its pool child) while it infers; a new gpu worker finishes the job
-        study2 = route(orthanc, study_files(tmp_path / "s2", seed=13))
-
         import psycopg
 
         with psycopg.connect(pg_url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as pg:
-            def infer_running() -> bool:
-                row = pg.execute("SELECT state FROM jobs WHERE stage = 'infer' AND study_id = 2").fetchone()
-                return bool(row) and row[0] == "running"
+            def infer_state(sid: int) -> str | None:
+                row = pg.execute("SELECT state FROM jobs WHERE stage = 'infer' AND study_id = %s", (sid,)).fetchone()
+                return row[0] if row else None
 
-            wait("inference running on the gpu worker", infer_running, 240, every=0.005)
+            study2, sid2 = catch_inference(
+                lambda k: route(orthanc, study_files(tmp_path / f"s2-{k}", seed=13 + 100 * k)), infer_state,
+                first_study_id=2)
         gpu.kill9()
         gpu2 = WorkerProcess(node, "gpu", "gpu2").start()
         workers.append(gpu2)
         srs2 = wait("SR in Orthanc after the gpu worker was killed", lambda: reports_in(orthanc, study2), 240)
         time.sleep(4)
         assert len(reports_in(orthanc, study2)) == 1 == len(srs2)
-        v2 = [st for st in node.status()["studies"] if st["id"] == 2][0]["versions"][-1]
+        v2 = [st for st in node.status()["studies"] if st["id"] == sid2][0]["versions"][-1]
         assert v2["pipeline"]["infer"]["state"] == "done" and v2["pipeline"]["infer"]["deliveries"] >= 2
     finally:
         for w in workers:
