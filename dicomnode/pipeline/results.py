@@ -35,6 +35,7 @@ class InputSeries:
     example_file: str  # absolute path of one stored instance: patient/study attributes for the report
     converter: str | None = None  # "dicom2nifti" | "dcm2niix"
     nifti: str | None = None  # absolute path of the converted volume
+    files: list[str] = field(default_factory=list)  # absolute path of each instance, in ``instances`` order
 
 
 @dataclass

@@ -200,7 +200,8 @@ def _input_series(rt: Runtime, info: VersionInfo, converted: dict[str, Any]) -> 
             series_description=vi.series_description,
             instances=[SourceRef(vi.series_instance_uid, cls, uid) for _, cls, uid in vi.instances],
             example_file=str(rt.settings.data_path / vi.instances[0][0]),
-            converter=getattr(c, "converter", None), nifti=str(c.nifti) if c is not None and c.nifti else None))
+            converter=getattr(c, "converter", None), nifti=str(c.nifti) if c is not None and c.nifti else None,
+            files=[str(rt.settings.data_path / p) for p, _, _ in vi.instances]))
     return out
 
 

@@ -46,7 +46,9 @@ class Panel:
 
 
 def _candidates(series: InputSeries) -> list[Path]:
-    """Files that may belong to the series: the example file's folder (the spool names files, not UIDs)."""
+    """The series' own files when the pipeline listed them; else the example file's folder (scanned, bounded)."""
+    if series.files:
+        return [Path(f) for f in series.files]
     example = Path(series.example_file)
     if not example.parent.is_dir():
         return []
@@ -97,7 +99,9 @@ def _find_key(result: VersionResult, key: KeySlice) -> Panel | None:
     for series in result.inputs:
         if series.series_instance_uid != key.ref.series_instance_uid:
             continue
-        for path in _candidates(series):
+        listed = {r.sop_instance_uid: Path(f) for r, f in zip(series.instances, series.files)}
+        direct = listed.get(key.ref.sop_instance_uid)
+        for path in [direct] if direct is not None else _candidates(series):
             h = _header(path)
             if h is not None and str(h.get("SOPInstanceUID", "")) == key.ref.sop_instance_uid:
                 frame = f", frame {key.ref.frame}" if key.ref.frame else ""
