@@ -155,7 +155,7 @@ def run_demo(settings: Settings, workdir: Path, *, without_t1ce: bool = False, t
     node_settings = settings.replace(
         port=_free_port() if settings.port == 11112 else settings.port,
         destinations=[{"ae_title": PACS_AET, "host": "127.0.0.1", "port": pacs.port}],
-        quiet_period_s=min(settings.quiet_period_s, 3.0), allowed_peers=[])
+        quiet_period_s=min(settings.quiet_period_s, 3.0), allowed_peers=["DEMOSCU@127.0.0.1"])
     node = Node(node_settings)
     node.start()
     try:

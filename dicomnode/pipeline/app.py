@@ -55,7 +55,7 @@ def _get_runner() -> Callable[[int, str], None]:
 
 
 def make_app(settings: Settings) -> Celery:
-    broker = settings.broker_url or "memory://"
+    broker = settings.broker_url or "memory://localhost/"
     app = Celery("dicomnode", broker=broker, set_as_current=False)
     transport_options: dict[str, Any] = {"visibility_timeout": settings.broker_visibility_timeout_s}
     if broker.startswith("memory://"):

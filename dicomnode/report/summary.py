@@ -195,7 +195,7 @@ _STYLE = {
     "small": dict(fontsize=9, color="#dddddd"),
     "warn": dict(fontsize=9, color="#ffcc44"),
 }
-_WRAP = {"alert": 40, "head": 60, "result": 52, "body": 66, "small": 84, "warn": 84}
+_WRAP = {"alert": 40, "head": 50, "result": 48, "body": 60, "small": 76, "warn": 76}
 _STEP = {"alert": 0.045, "head": 0.036, "result": 0.034, "body": 0.03, "small": 0.025, "warn": 0.025}
 
 
