@@ -16,7 +16,14 @@ Silent choices of the paper, made here (all are constructor arguments):
   conv, GELU after the first conv and after the addition; a 1x1x1 strided conv + GroupNorm on
   the shortcut when the shape changes. Bottleneck blocks pay off only at widths far above the
   ones a 12 GB GPU allows in 3D.
-- **Stage**: ``blocks`` residual blocks, the first one strided (stride 2 by default).
+- **Stage**: ``blocks`` residual blocks, the first one strided (stride 2 by default;
+  ``stage_strides``). Total stride 16 = a last map of 16 mm voxels at BraTS's 1 mm. On a coarse
+  grid keep the *physical* size, not the voxel count: at 3 mm the same strides leave 4x4x3
+  positions of ~50 mm, and per-case normalisation over so few positions erased a focal
+  enhancing rim (the template memorised; training issue 5, docs/training.md). The small
+  synthetic profile uses ``stage_strides=(2, 1, 1)``.
+- **Normalisation** (``norm``): GroupNorm, the paper's; ``batch``, ``instance`` and ``none`` are
+  switches for experiments (``norm3d``).
 - **GroupNorm groups**: 8, reduced to the largest divisor of the channel count when a (test)
   width is not divisible by 8. GroupNorm has no running statistics, so train and eval mode
   normalise identically: a frozen template in eval mode behaves exactly as in training.
@@ -55,20 +62,39 @@ def group_count(channels: int, groups: int) -> int:
     return g
 
 
-def norm3d(channels: int, groups: int) -> nn.GroupNorm:
-    """GroupNorm: batch-size independent, the paper's reason for choosing it (batch size 4)."""
-    return nn.GroupNorm(group_count(channels, groups), channels)
+NORMS: tuple[str, ...] = ("group", "batch", "instance", "none")
+
+
+def norm3d(channels: int, groups: int, kind: str = "group") -> nn.Module:
+    """The normalisation layer after each convolution.
+
+    ``"group"`` (default, the paper's): GroupNorm, batch-size independent, the paper's reason for
+    choosing it (batch size 4). ``"batch"``: BatchNorm3d (running statistics in eval mode).
+    ``"instance"``: GroupNorm with one channel per group (instance norm without running stats).
+    ``"none"``: identity. Per-sample normalisations (group, instance) rescale every case's feature
+    maps by that case's own statistics; see ``Encoder3d`` for why that matters for a small focal
+    finding on a small grid.
+    """
+    if kind == "group":
+        return nn.GroupNorm(group_count(channels, groups), channels)
+    if kind == "instance":
+        return nn.GroupNorm(channels, channels)
+    if kind == "batch":
+        return nn.BatchNorm3d(channels)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
 
 
 class Stem3d(nn.Module):
     """Strided 3x3x3 conv + GroupNorm + GELU: the paper's "stem cell"."""
 
-    def __init__(self, in_channels: int, width: int, *, stride: int = 2, groups: int = 8) -> None:
+    def __init__(self, in_channels: int, width: int, *, stride: int = 2, groups: int = 8, norm: str = "group") -> None:
         super().__init__()
         if in_channels < 1 or width < 1 or stride < 1:
             raise ValueError(f"bad stem: in_channels={in_channels}, width={width}, stride={stride}")
-        self.conv = nn.Conv3d(in_channels, width, kernel_size=3, stride=stride, padding=1, bias=False)
-        self.norm = norm3d(width, groups)
+        self.conv = nn.Conv3d(in_channels, width, kernel_size=3, stride=stride, padding=1, bias=norm == "none")
+        self.norm = norm3d(width, groups, norm)
         self.act = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -78,18 +104,21 @@ class Stem3d(nn.Module):
 class ResidualBlock3d(nn.Module):
     """Basic residual block: conv-GN-GELU-conv-GN, plus shortcut, then GELU."""
 
-    def __init__(self, in_channels: int, out_channels: int, *, stride: int = 1, groups: int = 8) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, *, stride: int = 1, groups: int = 8, norm: str = "group"
+    ) -> None:
         super().__init__()
-        self.conv1 = nn.Conv3d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
-        self.norm1 = norm3d(out_channels, groups)
-        self.conv2 = nn.Conv3d(out_channels, out_channels, 3, stride=1, padding=1, bias=False)
-        self.norm2 = norm3d(out_channels, groups)
+        bias = norm == "none"
+        self.conv1 = nn.Conv3d(in_channels, out_channels, 3, stride=stride, padding=1, bias=bias)
+        self.norm1 = norm3d(out_channels, groups, norm)
+        self.conv2 = nn.Conv3d(out_channels, out_channels, 3, stride=1, padding=1, bias=bias)
+        self.norm2 = norm3d(out_channels, groups, norm)
         self.act = nn.GELU()
         self.shortcut: nn.Module
         if stride != 1 or in_channels != out_channels:
             self.shortcut = nn.Sequential(
-                nn.Conv3d(in_channels, out_channels, 1, stride=stride, bias=False),
-                norm3d(out_channels, groups),
+                nn.Conv3d(in_channels, out_channels, 1, stride=stride, bias=bias),
+                norm3d(out_channels, groups, norm),
             )
         else:
             self.shortcut = nn.Identity()
@@ -104,13 +133,15 @@ class ResidualStage3d(nn.Module):
     """``blocks`` residual blocks; the first changes width and (by default) halves resolution."""
 
     def __init__(
-        self, in_channels: int, out_channels: int, *, blocks: int = 2, stride: int = 2, groups: int = 8
+        self, in_channels: int, out_channels: int, *, blocks: int = 2, stride: int = 2, groups: int = 8,
+        norm: str = "group",
     ) -> None:
         super().__init__()
         if blocks < 1:
             raise ValueError(f"a residual stage needs at least one block, got {blocks}")
-        layers: list[nn.Module] = [ResidualBlock3d(in_channels, out_channels, stride=stride, groups=groups)]
-        layers += [ResidualBlock3d(out_channels, out_channels, stride=1, groups=groups) for _ in range(blocks - 1)]
+        layers: list[nn.Module] = [ResidualBlock3d(in_channels, out_channels, stride=stride, groups=groups, norm=norm)]
+        layers += [ResidualBlock3d(out_channels, out_channels, stride=1, groups=groups, norm=norm)
+                   for _ in range(blocks - 1)]
         self.blocks = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -138,8 +169,11 @@ class Encoder3d(nn.Module):
         stage_strides: Sequence[int] = (2, 2, 2),
         groups: int = 8,
         pooling: str = "max",
+        norm: str = "group",
     ) -> None:
         super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         widths = tuple(int(w) for w in widths)
@@ -153,11 +187,11 @@ class Encoder3d(nn.Module):
         if any(w < 1 for w in widths) or any(s < 1 for s in stage_strides):
             raise ValueError(f"widths and strides must be positive, got {widths}, {stage_strides}")
         self.in_channels = int(in_channels)
-        self.stem = Stem3d(in_channels, stem_width, stride=stem_stride, groups=groups)
+        self.stem = Stem3d(in_channels, stem_width, stride=stem_stride, groups=groups, norm=norm)
         stages: list[nn.Module] = []
         prev = stem_width
         for w, b, s in zip(widths, blocks_per_stage, stage_strides):
-            stages.append(ResidualStage3d(prev, w, blocks=b, stride=s, groups=groups))
+            stages.append(ResidualStage3d(prev, w, blocks=b, stride=s, groups=groups, norm=norm))
             prev = w
         self.stages = nn.Sequential(*stages)
         self.pooling = pooling
@@ -286,6 +320,7 @@ ENCODER_DEFAULTS: dict[str, object] = {
     "stem_stride": 2,
     "stage_strides": [2, 2, 2],
     "groups": 8,
+    "norm": "group",
     "pooling": "max",
     "fc_hidden": [128, 64],
     "dropout": 0.2,

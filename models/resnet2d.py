@@ -74,8 +74,13 @@ class ResNet2d(nn.Module):
         layers: Sequence[int] = RESNET34_LAYERS,
         widths: Sequence[int] = RESNET34_WIDTHS,
         stem_width: int | None = None,
+        stem_pool: bool = True,
+        stage_strides: Sequence[int] | None = None,
+        pooling: str = "avg",
     ) -> None:
         super().__init__()
+        if pooling not in ("avg", "max"):
+            raise ValueError(f"pooling must be 'avg' or 'max', got {pooling!r}")
         layers = tuple(int(n) for n in layers)
         widths = tuple(int(w) for w in widths)
         if in_channels < 1:
@@ -92,17 +97,23 @@ class ResNet2d(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, stem, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(stem)
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        # ResNet's stem max pooling and stage strides (1, 2, 2, 2): a 32x reduction, 7x7 of 32 mm at
+        # 224 x 1 mm. Small grids may drop the pooling / strides (no parameters change with them).
+        self.maxpool: nn.Module = nn.MaxPool2d(kernel_size=3, stride=2, padding=1) if stem_pool else nn.Identity()
+        strides = (1,) + (2,) * (len(layers) - 1) if stage_strides is None else tuple(int(t) for t in stage_strides)
+        if len(strides) != len(layers) or any(t not in (1, 2) for t in strides):
+            raise ValueError(f"stage_strides must give 1 or 2 per stage ({len(layers)}), got {stage_strides}")
         stages: list[nn.Module] = []
         current = stem
         for index, (blocks, width) in enumerate(zip(layers, widths)):
-            stride = 1 if index == 0 else 2
+            stride = strides[index]
             stage: list[nn.Module] = [BasicBlock(current, width, stride)]
             stage += [BasicBlock(width, width, 1) for _ in range(blocks - 1)]
             stages.append(nn.Sequential(*stage))
             current = width
         self.stages = nn.Sequential(*stages)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        # Attribute name kept (``avgpool``) for state-dict/code compatibility; max on request.
+        self.avgpool: nn.Module = nn.AdaptiveAvgPool2d(1) if pooling == "avg" else nn.AdaptiveMaxPool2d(1)
         self.feature_dim: int = current * BasicBlock.expansion
         self._init_weights()
 

@@ -382,3 +382,21 @@ def test_spec_prepares_what_the_network_reads() -> None:
     inputs = to_batch(cases, FAMILY.input_roles)
     assert inputs["T1CE"].shape == (2, *SIZE)
     check_prediction(predict(tiny(), inputs), 2, ROLES)
+
+
+def test_pooling_and_stage_stride_switches() -> None:
+    """Max pooling and fewer in-plane strides (the small profile) are hparams; MC3's are the defaults."""
+    assert FAMILY.default_hparams()["pooling"] == "avg"
+    assert FAMILY.default_hparams()["stage_strides"] == [1, 2, 2, 2]
+    base = tiny()
+    x = batch(2)
+    h_base = base(x).features["T1CE"].shape[-1]
+    fine = tiny(stage_strides=[1, 2, 1, 1], pooling="max")
+    out = fine(x)
+    assert out.features["T1CE"].shape[-1] == 4 * h_base
+    assert torch.equal(out.pooled["T1CE"], out.features["T1CE"].amax(dim=(2, 3, 4)))
+    assert fine.hparams["pooling"] == "max" and fine.hparams["stage_strides"] == [1, 2, 1, 1]
+    with pytest.raises(ValueError, match="pooling"):
+        tiny(pooling="median")
+    with pytest.raises(ValueError, match="stage_strides"):
+        tiny(stage_strides=[1, 2])

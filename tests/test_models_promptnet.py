@@ -450,3 +450,31 @@ def test_pooling_switch_max_by_default_avg_on_request() -> None:
     assert isinstance(FS.build({**tiny, "pooling": "avg"}).encoder.pool, nn.AdaptiveAvgPool3d)
     with pytest.raises(ValueError, match="pooling"):
         FS.build({**tiny, "pooling": "median"})
+
+
+def test_norm_and_stride_switches() -> None:
+    """The small profile's departures are hparams: per-stage strides, the norm layer (GroupNorm by default)."""
+    import torch.nn as nn
+
+    from models.fs3dcnn.family import FAMILY as FS
+    from models.promptnet.family import FAMILY as PN
+
+    tiny = {"input_shape": [16, 16, 16], "stem_width": 4, "widths": [4, 4, 8], "groups": 2, "fc_hidden": [8, 4],
+            "blocks_per_stage": [1, 1, 1]}
+    net = FS.build(tiny)
+    assert isinstance(net.encoder.stem.norm, nn.GroupNorm) and net.encoder.total_stride == 16
+    x = torch.randn(2, 4, 16, 16, 16)
+    assert net.forward_with_maps(x)[1][0].shape[2:] == (1, 1, 1)
+    strided = FS.build({**tiny, "stage_strides": [2, 1, 1]})
+    assert strided.encoder.total_stride == 4
+    assert strided.forward_with_maps(x)[1][0].shape[2:] == (4, 4, 4)
+    for kind, cls in (("batch", nn.BatchNorm3d), ("none", nn.Identity)):
+        m = FS.build({**tiny, "norm": kind})
+        assert isinstance(m.encoder.stem.norm, cls)
+        assert m(x).logits.shape == (2, 2)
+    inst = FS.build({**tiny, "norm": "instance"}).encoder.stem.norm
+    assert isinstance(inst, nn.GroupNorm) and inst.num_groups == inst.num_channels
+    pn = PN.build({**tiny, "stage_strides": [2, 1, 1], "norm": "none"})
+    assert pn.cf_branch.total_stride == 4
+    with pytest.raises(ValueError, match="norm"):
+        FS.build({**tiny, "norm": "layer"})

@@ -235,6 +235,21 @@ def test_fit_resumes_from_last_pt(cohort: Path, tmp_path: Path) -> None:
             log_dir=tmp_path / "log2")
 
 
+def test_select_on_a_logged_validation_scalar() -> None:
+    """select_on="val_<scalar>" minimises a scalar the step logs (PromptNet: the CE without the prompt term)."""
+    from training.loop import _score, _valid_select_on
+
+    rows = [{"epoch": 1.0, "val_loss": 0.5, "val_classification": 0.6, "val_auc": 0.9},
+            {"epoch": 2.0, "val_loss": 0.7, "val_classification": 0.3, "val_auc": 0.8}]
+    best = max(rows, key=lambda r: _score(r, "val_classification"))
+    assert best["epoch"] == 2.0
+    assert max(rows, key=lambda r: _score(r, "val_loss"))["epoch"] == 1.0
+    assert max(rows, key=lambda r: _score(r, "val_auc"))["epoch"] == 1.0
+    assert _valid_select_on("val_classification") and not _valid_select_on("test_auc")
+    with pytest.raises(ValueError, match="logs no such value"):
+        _score(rows[0], "val_prompt_l1")
+
+
 def test_predict_loader_matches_family_predict(cohort: Path, tmp_path: Path) -> None:
     cases = read_dataset(cohort)[:5]
     ds = CaseDataset(cases, VolumeCache(_fs_spec(), tmp_path), tasks=("grade",))

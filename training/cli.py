@@ -9,6 +9,7 @@ python -m training train PROTOCOL --data DIR --out RUN [--profile small] [--conf
 python -m training evaluate RUN                      # rebuild tables and figures from saved predictions
 python -m training export RUN --to DIR [--rows ...] [--repeat K]
 python -m training table1 --data DIR --out RUN       # seed 000's Table 1 on the small synthetic cohort
+python -m training demo-checkpoints --out DIR [--work DIR] [--seed N] [--threads N] [--no-mmdlm] [--size demo|tiny]
 ```
 
 A thin shell over the library, as pynetdicom's apps are: every subcommand is a few lines that call
@@ -82,6 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: the 2-core machine is shared; timings stay comparable)")
     run_args(tb)
+
+    dm = sub.add_parser("demo-checkpoints", help="synthetic demo cohort -> trained demo checkpoints in DIR "
+                                                 "(NOT for clinical use)")
+    dm.add_argument("--out", type=Path, required=True, help="checkpoint folder (the node's)")
+    dm.add_argument("--work", type=Path, default=None, help="cohort and run folders (default: OUT/../demo-work)")
+    dm.add_argument("--seed", type=int, default=0)
+    dm.add_argument("--threads", type=int, default=2)
+    dm.add_argument("--size", choices=("demo", "tiny"), default="demo")
+    dm.add_argument("--no-mmdlm", action="store_true", help="skip MMDLM")
     return p
 
 
@@ -190,6 +200,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{args.data} is empty: generating the {args.profile} synthetic cohort (seed {args.seed})")
                 _generate(args.data, args.profile, args.seed, None, None, False, sys.stderr.isatty())
             _train("promptnet", args.data, args.out, args.profile, args, args.threads)
+        elif args.command == "demo-checkpoints":
+            from training.demo import make_demo_checkpoints, summary_lines
+
+            work = args.work if args.work is not None else args.out.resolve().parent / "demo-work"
+            art = make_demo_checkpoints(args.out, work_dir=work, seed=args.seed, threads=args.threads,
+                                        size=args.size, mmdlm=not args.no_mmdlm)
+            for line in summary_lines(art):
+                print(line)
     except (DatasetError, ConfigError, ProtocolError, ResumeError, ExportError, CheckpointError,
             FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

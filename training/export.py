@@ -75,13 +75,15 @@ def export_model(
     index: str | os.PathLike[str] | None = None,
     val_score: float | None = None,
     extra: Mapping[str, Any] | None = None,
+    description: str | None = None,
 ) -> str:
     """Write one checkpoint (``models.checkpoint.save_checkpoint``), load it back to prove the node
     can, and list it in ``index``. Returns the SHA-256 content hash.
 
     ``training_data`` records ``describe(train_cases)`` (+ the validation cases and the case ids,
     so the exact training set can be rebuilt); the temperature is the validation fit's (None when
-    no calibration was fitted).
+    no calibration was fitted). ``description`` (e.g. "synthetic demo cohort ..., NOT for clinical
+    use") is stored as ``training_data["description"]``, the first thing a site reads about the data.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -95,6 +97,8 @@ def export_model(
         "row": row,
         "repeat": repeat,
     }
+    if description:
+        training_data["description"] = str(description)
     all_metrics = dict(metrics)
     if calibration is not None:
         all_metrics["calibration"] = calibration.to_dict()

@@ -23,7 +23,8 @@ pred.case_ids, pred.labels["grade"], pred.probabilities["grade"], pred.logits["g
 ``StepOutput.logits``/``targets`` may be one tensor or a mapping task -> tensor (multi-task);
 logits (B,) are one sigmoid logit, (B, 2) softmax logits; targets use -1 for a missing label.
 ``select_on``: ``"val_auc"`` (max, ties broken by lower validation loss; mean over tasks when
-several), ``"val_loss"`` (min) or ``"last"``. Never a test metric: the loop never sees test data.
+several), ``"val_loss"`` (min), ``"val_<scalar>"`` (min of a scalar the step logs, e.g.
+``"val_classification"``: the task loss without an auxiliary term) or ``"last"``. Never a test metric: the loop never sees test data.
 
 Resumability: after every epoch ``log_dir/last.pt`` holds model, optimizer, scheduler, AMP scaler,
 epoch, history, the best weights so far and every RNG state; ``resume=True`` continues from it
@@ -269,7 +270,17 @@ def _score(row: Mapping[str, float], select_on: str) -> tuple[float, float]:
         return (auc if math.isfinite(auc) else -math.inf, -loss if math.isfinite(loss) else -math.inf)
     if select_on == "val_loss":
         return (-loss if math.isfinite(loss) else -math.inf, 0.0)
-    return (float(row["epoch"]), 0.0)  # "last"
+    if select_on == "last":
+        return (float(row["epoch"]), 0.0)
+    if select_on not in row:  # "val_<scalar>": minimised; must be logged by the step
+        logged = sorted(k for k in row if k.startswith("val_"))
+        raise ValueError(f"select_on={select_on!r}: the validation step logs no such value (logged: {logged})")
+    v = float(row[select_on])
+    return (-v if math.isfinite(v) else -math.inf, -loss if math.isfinite(loss) else -math.inf)
+
+
+def _valid_select_on(select_on: str) -> bool:
+    return select_on in ("val_auc", "val_loss", "last") or (select_on.startswith("val_") and len(select_on) > 4)
 
 
 def _run_epoch(
@@ -369,8 +380,8 @@ def fit(
     """
     if epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs}")
-    if select_on not in ("val_auc", "val_loss", "last"):
-        raise ValueError(f"select_on must be val_auc, val_loss or last, got {select_on!r}")
+    if not _valid_select_on(select_on):
+        raise ValueError(f"select_on must be val_auc, val_loss, val_<scalar> or last, got {select_on!r}")
     if select_on != "last" and val_loader is None:
         raise ValueError(f"select_on={select_on!r} needs a validation loader (model selection never uses test data)")
     dev = torch.device(device)
@@ -480,7 +491,8 @@ def fit(
         save_last(0, False)
     if best_state is not None and select_on != "last":
         model.load_state_dict(best_state)
-    score = best_key[0] if select_on == "val_auc" else (-best_key[0] if select_on == "val_loss" else float(len(history)))
+    score = (best_key[0] if select_on == "val_auc" else float(len(history)) if select_on == "last"
+             else -best_key[0])
     return FitResult(model=model, best_epoch=best_epoch + 1, best_score=float(score), history=history, log_dir=log,
                      resumed_from=resumed_from)
 

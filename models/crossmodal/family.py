@@ -70,6 +70,12 @@ def default_hparams() -> dict[str, Any]:
         "norm_groups": 8,
         "hidden": 256,
         "dropout": 0.0,
+        # In-plane stride of each residual stage (MC3: 1, 2, 2, 2; with the stem's 2 a 16x in-plane
+        # reduction). Small grids: fewer, so the last map keeps a physical size (docs/training-protocols.md).
+        "stage_strides": [1, 2, 2, 2],
+        # Global pooling of each modality's attended map: "avg" (MC3/DANet) or "max" (a small focal
+        # finding is not averaged away; the Grad-CAM weights below are then those of the max position's map).
+        "pooling": "avg",
     }
 
 
@@ -100,6 +106,8 @@ def build(hparams: Mapping[str, Any]) -> CrossModalityNet:
         norm_groups=int(resolved["norm_groups"]),
         hidden=int(resolved["hidden"]),
         dropout=float(resolved["dropout"]),
+        stage_strides=tuple(int(t) for t in resolved["stage_strides"]),
+        pooling=str(resolved["pooling"]),
     )
 
 

@@ -236,8 +236,10 @@ class ModalityBranch(nn.Module):
         guide_channels: int,
         attention_reduction: int,
         norm: Callable[[int], nn.Module],
+        strides: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
+        strides = [1] + [2] * (len(widths) - 1) if strides is None else [int(t) for t in strides]
         stem = nn.Sequential(
             nn.Conv3d(1, widths[0], (3, 7, 7), (1, 2, 2), (1, 3, 3), bias=False),
             norm(widths[0]),
@@ -248,7 +250,7 @@ class ModalityBranch(nn.Module):
         for i, (width, n_blocks) in enumerate(zip(widths, blocks)):
             if i == low_level_stages:
                 in_channels += guide_channels  # the guidance is concatenated here
-            stages.append(_stage(in_channels, width, n_blocks, 1 if i == 0 else 2, i < n_3d_stages, norm))
+            stages.append(_stage(in_channels, width, n_blocks, strides[i], i < n_3d_stages, norm))
             in_channels = width
         self.low = nn.Sequential(stem, *stages[:low_level_stages])
         self.high = nn.Sequential(*stages[low_level_stages:])
@@ -316,8 +318,16 @@ class CrossModalityNet(nn.Module):
         norm_groups: int = 8,
         hidden: int = 256,
         dropout: float = 0.0,
+        stage_strides: Sequence[int] | None = None,
+        pooling: str = "avg",
     ) -> None:
         super().__init__()
+        if pooling not in ("avg", "max"):
+            raise ValueError(f"crossmodal: pooling must be 'avg' or 'max', got {pooling!r}")
+        strides = [1] + [2] * (len(widths) - 1) if stage_strides is None else [int(t) for t in stage_strides]
+        if len(strides) != len(widths) or any(t not in (1, 2) for t in strides):
+            raise ValueError(f"crossmodal: stage_strides must give 1 or 2 per stage ({len(widths)}), got {stage_strides!r}")
+        self.pooling = pooling
         if len(input_size) != 3 or any(int(s) < 1 for s in input_size):
             raise ValueError(f"crossmodal: input_size must be (D, H, W) positive, got {input_size!r}")
         if primary not in ROLES:
@@ -354,6 +364,7 @@ class CrossModalityNet(nn.Module):
                     0 if role == primary else guide_channels,
                     attention_reduction,
                     norm_layer,
+                    strides,
                 )
                 for role in self.roles
             }
@@ -389,6 +400,8 @@ class CrossModalityNet(nn.Module):
             "norm_groups": int(norm_groups),
             "hidden": int(hidden),
             "dropout": float(dropout),
+            "stage_strides": strides,
+            "pooling": pooling,
         }
 
     # ---- stage bookkeeping -------------------------------------------------
@@ -459,7 +472,10 @@ class CrossModalityNet(nn.Module):
             out.slice_attention[role] = slices
             if role == self.primary:
                 guidance = features.detach() if self.detach_guidance else features
-        out.pooled = {role: f.mean(dim=(2, 3, 4)) for role, f in out.features.items()}
+        if self.pooling == "max":
+            out.pooled = {role: f.amax(dim=(2, 3, 4)) for role, f in out.features.items()}
+        else:
+            out.pooled = {role: f.mean(dim=(2, 3, 4)) for role, f in out.features.items()}
         out.logits = self.classifier(self.fuse(out.pooled))
         return out
 

@@ -43,6 +43,7 @@ def build(hparams: Mapping[str, Any]) -> FullSequence3DCNN:
         stem_stride=int(hp["stem_stride"]),
         stage_strides=hp["stage_strides"],
         groups=int(hp["groups"]),
+        norm=str(hp["norm"]),
         pooling=str(hp["pooling"]),
         fc_hidden=hp["fc_hidden"],
         dropout=float(hp["dropout"]),

@@ -49,6 +49,7 @@ class FullSequence3DCNN(nn.Module):
         stem_stride: int = 2,
         stage_strides: Sequence[int] = (2, 2, 2),
         groups: int = 8,
+        norm: str = "group",
         pooling: str = "max",
         fc_hidden: Sequence[int] = (128, 64),
         dropout: float = 0.2,
@@ -69,6 +70,7 @@ class FullSequence3DCNN(nn.Module):
             stem_stride=stem_stride,
             stage_strides=stage_strides,
             groups=groups,
+            norm=norm,
             pooling=pooling,
         )
         self.feature_dim = self.encoder.feature_dim

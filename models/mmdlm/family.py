@@ -68,6 +68,11 @@ def default_hparams() -> dict[str, Any]:
         "attention_dropout": 0.25,
         "extractor_chunk": 64,
         "key_slices": 3,
+        # ResNet reduction and pooling (ResNet-34's: stem max pooling, strides 1/2/2/2, average). Small
+        # grids: fewer, so the last map keeps a physical size (docs/training-protocols.md).
+        "resnet_stem_pool": True,
+        "resnet_stage_strides": [1, 2, 2, 2],
+        "resnet_pooling": "avg",
         # Preprocessing-facing sizes, recorded so that spec and network travel together.
         "slice_size": [224, 224],
         "slice_count": 80,
@@ -89,6 +94,9 @@ _NETWORK_KEYS: tuple[str, ...] = (
     "attention_dropout",
     "extractor_chunk",
     "key_slices",
+    "resnet_stem_pool",
+    "resnet_stage_strides",
+    "resnet_pooling",
 )
 
 

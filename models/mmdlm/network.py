@@ -151,6 +151,9 @@ class MMDLM(nn.Module):
         attention_dropout: float = 0.25,
         extractor_chunk: int = 0,
         key_slices: int = 3,
+        resnet_stem_pool: bool = True,
+        resnet_stage_strides: Sequence[int] | None = None,
+        resnet_pooling: str = "avg",
     ) -> None:
         super().__init__()
         self.roles: tuple[str, ...] = tuple(roles)
@@ -172,7 +175,8 @@ class MMDLM(nn.Module):
         self.extractor_chunk = extractor_chunk
         # One extractor per sequence, never shared: each sequence's ResNet is trained on its own slices.
         self.extractors = nn.ModuleDict(
-            {role: ResNet2d(in_channels, resnet_layers, resnet_widths) for role in self.roles}
+            {role: ResNet2d(in_channels, resnet_layers, resnet_widths, stem_pool=resnet_stem_pool,
+                            stage_strides=resnet_stage_strides, pooling=resnet_pooling) for role in self.roles}
         )
         self.feature_dim: int = self.extractors[self.roles[0]].feature_dim
 

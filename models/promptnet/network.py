@@ -69,6 +69,7 @@ class PromptNet(nn.Module):
         stem_stride: int = 2,
         stage_strides: Sequence[int] = (2, 2, 2),
         groups: int = 8,
+        norm: str = "group",
         pooling: str = "max",
         fc_hidden: Sequence[int] = (128, 64),
         dropout: float = 0.2,
@@ -100,6 +101,7 @@ class PromptNet(nn.Module):
                 stem_stride=stem_stride,
                 stage_strides=stage_strides,
                 groups=groups,
+                norm=norm,
                 pooling=pooling,
             )
 

@@ -163,9 +163,18 @@ def _parse_value(text: str) -> Any:
         return text  # a bare word is a string: --set train.optimizer=adamw
 
 
-def apply_sets(config: Mapping[str, Any], sets: Iterable[str]) -> dict[str, Any]:
-    """Apply ``key.sub=value`` overrides (values as TOML literals)."""
+def apply_sets(config: Mapping[str, Any], sets: Iterable[str], *,
+               free_tables: Iterable[str] | None = None) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides (values as TOML literals).
+
+    ``free_tables``: top-level tables that are free-form (empty in the protocol's defaults, e.g.
+    ``[template]`` overriding ``[train]``; the protocol checks their keys). Default: the tables
+    empty in ``config``. Without this, a second ``--set template.x`` after ``--set template.y``
+    would be refused because the table is no longer empty.
+    """
     out = copy.deepcopy(dict(config))
+    free = ({k for k, v in out.items() if isinstance(v, dict) and not v} if free_tables is None
+            else set(free_tables))
     for item in sets:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key=value (e.g. train.lr=1e-4)")
@@ -178,6 +187,9 @@ def apply_sets(config: Mapping[str, Any], sets: Iterable[str]) -> dict[str, Any]
         for p in parts[:-1]:
             cur = cur.setdefault(p, {})
         cur[parts[-1]] = _parse_value(text.strip())
+        if len(parts) == 2 and parts[0] in free and isinstance(out.get(parts[0]), dict):
+            out[parts[0]][parts[1]] = copy.deepcopy(nested[parts[0]][parts[1]])
+            continue
         out = merge_config(out, nested, where=f"--set {item}")
     return out
 
@@ -189,6 +201,7 @@ def load_config(name: str, *, profile: str | None = None, config_file: str | Pat
     if not base_path.exists():
         raise ConfigError(f"no default config for protocol {name!r} ({base_path} missing)")
     cfg = _read_toml(base_path)
+    free = [k for k, v in cfg.items() if isinstance(v, dict) and not v]
     if profile:
         found = False
         shared = CONFIG_DIR / f"{profile}.toml"
@@ -209,7 +222,7 @@ def load_config(name: str, *, profile: str | None = None, config_file: str | Pat
         if name in user and isinstance(user[name], Mapping) and set(user) <= {name}:
             user = user[name]
         cfg = merge_config(cfg, user, where=str(config_file))
-    return apply_sets(cfg, sets)
+    return apply_sets(cfg, sets, free_tables=free)
 
 
 def config_hash(config: Mapping[str, Any]) -> str:

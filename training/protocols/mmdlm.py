@@ -447,6 +447,7 @@ def _run_split(config: Mapping[str, Any], options: RunOptions, cache: VolumeCach
                    "temperature_note": "per task, fitted on validation logits; apply p = sigmoid(logit / T[task]); "
                                        "the single 'temperature' field is None because one number cannot "
                                        "calibrate three tasks"},
+            description=str(config["protocol"].get("data_description", "")) or None,
         )
     result = {
         "run_key": run_key, "fold": r, "stage1": s1, "stage3": s3,

@@ -91,8 +91,9 @@ def train_settings(config: Mapping[str, Any], stage: str) -> dict[str, Any]:
     base.update(over)
     if int(base["epochs"]) < 0 or int(base["batch_size"]) < 1:
         raise ConfigError(f"[{stage}]: epochs must be >= 0 and batch_size >= 1, got {base['epochs']}, {base['batch_size']}")
-    if base["select_on"] not in ("val_auc", "val_loss", "last"):
-        raise ConfigError(f"[{stage}]: select_on must be val_auc, val_loss or last, got {base['select_on']!r}")
+    if base["select_on"] not in ("val_auc", "val_loss", "val_classification", "last"):
+        raise ConfigError(f"[{stage}]: select_on must be val_auc, val_loss, val_classification (the CE without "
+                          f"the prompt term) or last, got {base['select_on']!r}")
     return base
 
 
@@ -161,7 +162,8 @@ def _fs_step(class_weights: Sequence[float] | None) -> StepFn:
         y = batch["labels"]["grade"]
         out = model(_stack(batch, FS3D.input_roles))
         loss = fs3dcnn_loss(out.logits, y, class_weights=class_weights)
-        return StepOutput(loss, logits=out.logits, targets=y)
+        # "classification" as PromptNet's step logs it, so select_on="val_classification" means one thing
+        return StepOutput(loss, logits=out.logits, targets=y, scalars={"classification": loss.detach()})
     return step
 
 
@@ -338,9 +340,12 @@ def _train_row(ctx: _Context, row: str, repeat: int, template_ckpt: Path | None)
             config=ctx.config,
             metrics={"val": val_m, "test": test_m, "best_epoch": res.best_epoch, "select_on": select_on},
             calibration=cal, protocol=NAME, row=row, repeat=repeat, index=ctx.out / INDEX_NAME,
-            val_score=res.best_score if np.isfinite(res.best_score) else None,
+            # copy_checkpoints takes the repeat with the HIGHEST val_score: a loss criterion goes in negated
+            val_score=(None if not np.isfinite(res.best_score)
+                       else res.best_score if select_on in ("val_auc", "last") else -res.best_score),
             extra={"table1_type": ROWS[row][0], "table1_data": ROWS[row][1],
                    **({"template_checkpoint": str(template_ckpt)} if template_ckpt else {})},
+            description=str(ctx.config["protocol"].get("data_description", "")) or None,
         )
         record["checkpoint"] = str(ckpt)
         record["sha256"] = sha
