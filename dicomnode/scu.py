@@ -6,9 +6,11 @@ transfer syntax, so nothing is decoded or re-encoded on the way out.
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pynetdicom import AE, _config
@@ -74,6 +76,21 @@ def expand(paths: Iterable[str | Path]) -> list[Path]:
     return out
 
 
+def no_delay(assoc: Any) -> None:
+    """Switch Nagle's algorithm off on an established association's socket.
+
+    pynetdicom writes a C-STORE as several small PDUs; with Nagle on, each
+    small write after the first waits for the peer's delayed ACK (~40 ms):
+    224 small images took 12.1 s from our SCU to our SCP, 54 ms each.
+    """
+    sock = getattr(getattr(getattr(assoc, "dul", None), "socket", None), "socket", None)
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:  # not a TCP socket (never in practice): nothing to tune
+            pass
+
+
 def _batches(files: list[tuple[Path, str, str]]) -> Iterator[list[tuple[Path, str, str]]]:
     """Split so no association needs more than MAX_CONTEXTS presentation contexts."""
     batch: list[tuple[Path, str, str]] = []
@@ -114,6 +131,7 @@ def send(
         if not assoc.is_established:
             results.extend(SendResult(b[0], None, "association rejected or failed") for b in batch)
             continue
+        no_delay(assoc)
         try:
             for path, _sop, _ts in batch:
                 try:

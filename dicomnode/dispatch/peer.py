@@ -17,6 +17,7 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 
 from ..config import ClientTLS, DestinationSettings, Settings
+from ..scu import no_delay
 from .outcome import Outcome, Verdict
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ def open_association(
         evt_handlers=[(evt.EVT_CONN_OPEN, lambda _event: connected.append(True))],
     )
     if assoc.is_established:
+        no_delay(assoc)
         return assoc, None
     return None, association_failure(assoc, dest, bool(connected))
 
