@@ -34,13 +34,19 @@ class Node:
         self.pipeline.start_version(due.version_id, due.study_id)
 
     def check_checkpoints(self) -> None:
-        """List and validate the checkpoints once at start-up, so a bad file is reported now, not per study."""
-        from models.registry import CheckpointRegistry
+        """List and validate the checkpoints once at start-up, so a bad file is reported now, not per study.
+
+        The validated registry is handed to the in-process worker, which then
+        does not hash the same weights again.
+        """
+        from .pipeline.stages import checkpoint_listing, open_registry
 
         path = self.settings.checkpoints_path
-        reg = CheckpointRegistry(path, pins=self.settings.checkpoint_pins) if path.exists() else None
-        valid = [f"{c.family} {c.path.name} ({c.sha256[:12]})" for c in (reg.checkpoints if reg else [])]
-        for bad in reg.invalid if reg else []:
+        listing = checkpoint_listing(self.settings)
+        reg = open_registry(self.settings)
+        self.pipeline.registry = (reg, listing)
+        valid = [f"{c.family} {c.path.name} ({c.sha256[:12]})" for c in reg.checkpoints]
+        for bad in reg.invalid:
             log.error("checkpoint %s refused: %s", bad.path.name, bad.error)
             self.index.add_event("checkpoint_refused", f"{bad.path.name}: {bad.error}")
         if valid:

@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from celery import Celery
 
@@ -23,6 +24,17 @@ from .stages import Runtime
 log = logging.getLogger(__name__)
 
 
+def make_sender(app: Celery, index: Index) -> Callable[[int, str], None]:
+    """Queue a step, recording when (``sent_at``) so reconcile can tell a lost message from a queued one."""
+    jobs = Jobs(index)
+
+    def send(version_id: int, stage: str) -> None:
+        jobs.mark_sent(version_id, stage)
+        send_step(app, version_id, stage)
+
+    return send
+
+
 class Pipeline:
     def __init__(self, settings: Settings, index: Index, *, after_dispatch: Callable[[], None] | None = None) -> None:
         self.settings = settings
@@ -31,14 +43,12 @@ class Pipeline:
         self.app: Celery = make_app(settings)
         self.after_dispatch = after_dispatch
         self.worker: EmbeddedWorker | None = None
+        self.send = make_sender(self.app, index)
+        self.registry: tuple[Any, tuple[tuple[str, int, int], ...]] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     # -- queueing ---------------------------------------------------------------------------
-
-    def send(self, version_id: int, stage: str) -> None:
-        self.jobs.mark_sent(version_id, stage)
-        send_step(self.app, version_id, stage)
 
     def start_version(self, version_id: int, study_id: int) -> None:
         """A version completed: its first step exists from now on, whatever happens to the message."""
@@ -62,14 +72,14 @@ class Pipeline:
     # -- running ----------------------------------------------------------------------------
 
     def install_runner(self) -> None:
-        """How this process runs steps. In embedded mode the node's Index is shared by the worker thread."""
-        settings, index, app, after = self.settings, self.index, self.app, self.after_dispatch
+        """How this process runs steps. In embedded mode the node's Index (and its validated checkpoints) are shared."""
+        def factory() -> Runtime:
+            rt = Runtime(self.settings, self.index, send=self.send, after_dispatch=self.after_dispatch)
+            if self.registry is not None:
+                rt.use_registry(*self.registry)
+            return rt
 
-        def send(version_id: int, stage: str) -> None:
-            Jobs(index).mark_sent(version_id, stage)
-            send_step(app, version_id, stage)
-
-        set_runner_factory(lambda: Runtime(settings, index, send=send, after_dispatch=after))
+        set_runner_factory(factory)
 
     def start(self, queues: Sequence[str]) -> None:
         if queues:
@@ -112,12 +122,7 @@ def run_worker(settings: Settings, queues: Sequence[str], *, concurrency: int | 
 
     def factory() -> Runtime:
         index = Index(settings.index_url)
-
-        def send(version_id: int, stage: str) -> None:
-            Jobs(index).mark_sent(version_id, stage)
-            send_step(app, version_id, stage)
-
-        return Runtime(settings, index, send=send)
+        return Runtime(settings, index, send=make_sender(app, index))
 
     set_runner_factory(factory)
     argv = ["worker", "--queues", ",".join(queues), "--concurrency", str(concurrency or settings.worker_concurrency),

@@ -40,6 +40,22 @@ def package_version() -> str:
         return "unknown"
 
 
+def checkpoint_listing(settings: Settings) -> tuple[tuple[str, int, int], ...]:
+    """(name, size, mtime) of the checkpoint directory's files: cheap to compare, changes when a file does."""
+    root = settings.checkpoints_path
+    if not root.is_dir():
+        return ()
+    return tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in root.iterdir() if p.is_file()))
+
+
+def open_registry(settings: Settings) -> Any:
+    """The checkpoint registry of ``checkpoints_dir`` (empty when the directory does not exist)."""
+    from models.registry import CheckpointRegistry
+
+    root = settings.checkpoints_path
+    return CheckpointRegistry(root if root.is_dir() else [], pins=settings.checkpoint_pins)
+
+
 @dataclass
 class Runtime:
     """What a worker process needs to run steps: built once per process (after a prefork child forks)."""
@@ -61,18 +77,16 @@ class Runtime:
 
     _listing: tuple[tuple[str, int, int], ...] | None = None
 
+    def use_registry(self, registry: Any, listing: tuple[tuple[str, int, int], ...]) -> None:
+        """Start from checkpoints already validated (the node's start-up check), instead of hashing them again."""
+        self._registry, self._listing = registry, listing
+
     @property
     def registry(self) -> Any:
         """The checkpoints, validated again only when the directory changed (validation hashes every weight)."""
-        from models.registry import CheckpointRegistry
-
-        root = self.settings.checkpoints_path
-        listing = tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
-                               for p in root.iterdir() if p.is_file())) if root.is_dir() else ()
+        listing = checkpoint_listing(self.settings)
         if self._registry is None or listing != self._listing:
-            self._registry = CheckpointRegistry(root, pins=self.settings.checkpoint_pins) if root.is_dir() \
-                else CheckpointRegistry([], pins=self.settings.checkpoint_pins)
-            self._listing = listing
+            self.use_registry(open_registry(self.settings), listing)
         return self._registry
 
     @property
@@ -208,6 +222,9 @@ def _input_series(rt: Runtime, info: VersionInfo, converted: dict[str, Any]) -> 
 def step_infer(rt: Runtime, info: VersionInfo) -> dict[str, Any]:
     import json
 
+    from models.families import resolve_family
+    from models.registry import Selection
+
     from ..process.infer import run_model
     from ..process.prepare import load_case
 
@@ -225,9 +242,6 @@ def step_infer(rt: Runtime, info: VersionInfo) -> dict[str, Any]:
         if info_ck is None:
             flags.append(f"{run['family']} did not run: its checkpoint {run['sha256'][:12]} is no longer registered")
             continue
-        from models.families import resolve_family
-        from models.registry import Selection
-
         sel = Selection(info_ck, resolve_family(info_ck.family), run["reason"])
         try:
             results.append(run_model(sel, load_case(Path(run["case"])), converted, rt.cache, device=rt.settings.device))
@@ -241,13 +255,12 @@ def step_infer(rt: Runtime, info: VersionInfo) -> dict[str, Any]:
     if not results:
         reasons = [d["reason"] for d in plan["decisions"]] + conversion_errors + flags
         cannot = ("No model could grade this study. " + " ".join(reasons)).strip()
-    timings = {stage: v.get("seconds") or 0.0 for stage, v in rt.jobs.of_version(info.version_id).items()}
     result = VersionResult(
         study_instance_uid=info.study_instance_uid, study_id=info.study_id, version=info.version,
         inputs=_input_series(rt, info, converted), available_roles=available, missing_roles=missing,
         decisions=[Decision(**d) for d in plan["decisions"]], results=results, cannot_grade=cannot,
         quality_flags=conversion_errors + flags + sorted({f for r in plan["runs"] for f in r.get("flags", [])}),
-        timings=timings)
+        )
     result.save(wd / "result.json")
     return {"models": [r.family for r in results], "cannot_grade": cannot,
             "findings": {r.family: {t.task: [t.label, round(t.probability, 4)] for t in r.tasks} for r in results}}
@@ -258,8 +271,8 @@ def step_report(rt: Runtime, info: VersionInfo) -> dict[str, Any]:
 
     wd = rt.work_dir(info)
     result = VersionResult.load(wd / "result.json")
-    result.timings.update({stage: v.get("seconds") or 0.0 for stage, v in rt.jobs.of_version(info.version_id).items()
-                           if stage in ("convert", "preprocess", "infer")})
+    result.timings = {stage: v.get("seconds") or 0.0 for stage, v in rt.jobs.of_version(info.version_id).items()
+                      if stage in ("convert", "preprocess", "infer")}
     result.supersedes = rt.reports.previous(info.study_id, info.version)
     if result.cannot_grade and not rt.settings.report_cannot_grade:
         rt.reports.record(info, [], result, sent_report=False)
