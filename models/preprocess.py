@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -106,6 +106,7 @@ class PreprocessedCase:
     mask: np.ndarray | None = None
     slice_mask: np.ndarray | None = None
     slice_indices: np.ndarray | None = None
+    template_mask: np.ndarray | None = None
 
 
 # --------------------------------------------------------------------------- working state
@@ -120,6 +121,16 @@ class _Case:
     reference: str
     mask: np.ndarray | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    # clinical transforms (models.clinical): results memoised in ``cache`` when the caller gives one
+    cache: MutableMapping[str, Any] | None = None
+    content_key: str | None = None
+    chain: list[dict[str, Any]] = field(default_factory=list)  # transforms applied so far (keys the memo)
+    declared: dict[str, int] = field(default_factory=dict)  # NIfTI sform code per role (4 = MNI)
+    rigid: dict[str, np.ndarray] = field(default_factory=dict)  # reference world -> role world (RAS mm)
+    registration_reference: str | None = None
+    brain: tuple[np.ndarray, np.ndarray, str] | None = None  # (mask, its affine, the role it was made on)
+    template_mask: np.ndarray | None = None
+    measurements: dict[str, float] = field(default_factory=dict)
 
     @property
     def affine(self) -> np.ndarray:
@@ -230,7 +241,7 @@ def _validate_brain_mask(p: dict[str, Any], where: str) -> dict[str, Any]:
     _check_keys(p, ["method", "threshold"], where)
     return {
         "name": "brain_mask",
-        "method": _choice(p.get("method", "nonzero"), ["nonzero"], f"{where}.method"),
+        "method": _choice(p.get("method", "nonzero"), ["nonzero", "extracted"], f"{where}.method"),
         "threshold": _number(p.get("threshold", 0.0), f"{where}.threshold", minimum=0.0),
     }
 
@@ -242,7 +253,8 @@ def _validate_crop_or_pad(p: dict[str, Any], where: str) -> dict[str, Any]:
     return {
         "name": "crop_or_pad",
         "shape": _vector(p["shape"], 3, f"{where}.shape", integer=True),
-        "anchor": _choice(p.get("anchor", "brain_bbox_center"), ["brain_bbox_center", "center"], f"{where}.anchor"),
+        "anchor": _choice(p.get("anchor", "brain_bbox_center"), ["brain_bbox_center", "center", "template_brain_center"],
+                          f"{where}.anchor"),
         "pad_value": _number(p.get("pad_value", 0.0), f"{where}.pad_value"),
     }
 
@@ -274,7 +286,54 @@ def _validate_transpose(p: dict[str, Any], where: str) -> dict[str, Any]:
     return {"name": "transpose", "axes": [int(a) for a in axes]}
 
 
+def _role_or_auto(value: Any, where: str) -> str:
+    if value != "auto" and value not in ROLES:
+        raise SpecError(f"{where}: expected 'auto' or one of {list(ROLES)}, got {value!r}")
+    return str(value)
+
+
+def _validate_bias_field(p: dict[str, Any], where: str) -> dict[str, Any]:
+    _check_keys(p, ["shrink_mm", "iterations"], where)
+    its = p.get("iterations", [20, 20, 10])
+    if not isinstance(its, (list, tuple)) or not its or len(its) > 4:
+        raise SpecError(f"{where}.iterations: expected 1-4 iteration counts (one per fitting level), got {its!r}")
+    return {"name": "bias_field",
+            "shrink_mm": _number(p.get("shrink_mm", 4.0), f"{where}.shrink_mm", positive=True, maximum=16.0),
+            "iterations": [_int(i, f"{where}.iterations[{k}]", minimum=1, maximum=500) for k, i in enumerate(its)]}
+
+
+def _validate_coregister(p: dict[str, Any], where: str) -> dict[str, Any]:
+    _check_keys(p, ["reference", "metric", "sampling", "iterations"], where)
+    return {"name": "coregister",
+            "reference": _role_or_auto(p.get("reference", "auto"), f"{where}.reference"),
+            "metric": _choice(p.get("metric", "mattes_mi"), ["mattes_mi"], f"{where}.metric"),
+            "sampling": _number(p.get("sampling", 0.1), f"{where}.sampling", positive=True, maximum=1.0),
+            "iterations": _int(p.get("iterations", 200), f"{where}.iterations", minimum=1, maximum=2000)}
+
+
+def _validate_brain_extract(p: dict[str, Any], where: str) -> dict[str, Any]:
+    _check_keys(p, ["method", "role", "threshold"], where)
+    return {"name": "brain_extract",
+            "method": _choice(p.get("method", "deepbet"), ["deepbet", "nonzero"], f"{where}.method"),
+            "role": _role_or_auto(p.get("role", "auto"), f"{where}.role"),
+            "threshold": _number(p.get("threshold", 0.5), f"{where}.threshold", minimum=0.0, maximum=1.0)}
+
+
+def _validate_atlas_register(p: dict[str, Any], where: str) -> dict[str, Any]:
+    _check_keys(p, ["template", "spacing", "dof", "sampling", "iterations"], where)
+    return {"name": "atlas_register",
+            "template": _choice(p.get("template", "mni152_2009"), ["mni152_2009"], f"{where}.template"),
+            "spacing": _vector(p.get("spacing", [1.0, 1.0, 1.0]), 3, f"{where}.spacing", integer=False),
+            "dof": _int(p.get("dof", 12), f"{where}.dof", minimum=7, maximum=12),
+            "sampling": _number(p.get("sampling", 0.05), f"{where}.sampling", positive=True, maximum=1.0),
+            "iterations": _int(p.get("iterations", 200), f"{where}.iterations", minimum=1, maximum=2000)}
+
+
 _VALIDATORS: dict[str, Callable[[dict[str, Any], str], dict[str, Any]]] = {
+    "bias_field": _validate_bias_field,
+    "coregister": _validate_coregister,
+    "brain_extract": _validate_brain_extract,
+    "atlas_register": _validate_atlas_register,
     "transpose": _validate_transpose,
     "reorient": _validate_reorient,
     "resample": _validate_resample,
@@ -339,6 +398,7 @@ def validate_spec(spec: Any) -> dict[str, Any]:
         raise SpecError(f"spec.transforms: expected a list, got {transforms!r}")
     out_t: list[dict[str, Any]] = []
     seen_non_geometric: str | None = None
+    seen_names: set[str] = set()
     have_mask = False
     for i, t in enumerate(transforms):
         where = f"spec.transforms[{i}]"
@@ -354,6 +414,13 @@ def validate_spec(spec: Any) -> dict[str, Any]:
             raise SpecError(f"{where}: a grid-defining transform must come before {seen_non_geometric!r}")
         if not tr.geometric:
             seen_non_geometric = seen_non_geometric or name
+        if name == "atlas_register" and "brain_extract" not in seen_names:
+            raise SpecError(f"{where}: needs a 'brain_extract' before it (the reference is registered brain to brain)")
+        if name == "atlas_register" and "resample" in seen_names or name == "resample" and "atlas_register" in seen_names:
+            raise SpecError(f"{where}: 'resample' and 'atlas_register' both define the grid; use one")
+        if name == "brain_mask" and params["method"] == "extracted" and "atlas_register" not in seen_names:
+            raise SpecError(f"{where}: method 'extracted' needs 'brain_extract' and 'atlas_register' before it")
+        seen_names.add(name)
         needs_mask = (
             (name == "crop_or_pad" and params["anchor"] == "brain_bbox_center")
             or (name == "normalize" and params["where"] == "brain")
@@ -383,7 +450,7 @@ def output_shape(spec: Mapping[str, Any]) -> tuple[int, ...] | None:
     for t in clean["transforms"]:
         if t["name"] == "crop_or_pad":
             shape = tuple(t["shape"])
-        elif t["name"] in ("reorient", "resample"):
+        elif t["name"] in ("reorient", "resample", "atlas_register"):
             shape = None
         elif t["name"] == "transpose" and shape is not None:
             shape = tuple(shape[a] for a in t["axes"])
@@ -423,6 +490,58 @@ def slice_spec(roles: Sequence[str], *, count: int, size: Sequence[int] = (224, 
         "slices": {"axis": axis, "selection": "brain_range", "count": count, "size": list(size),
                    "normalize": "zscore_per_slice"},
     })
+
+
+def clinical_transforms(*, spacing: Sequence[float] = (1.0, 1.0, 1.0), bias_field: bool = True,
+                        brain_extraction: str = "deepbet") -> list[dict[str, Any]]:
+    """The transforms that take a native head to a skull-stripped case on the template grid (BraTS-like)."""
+    out: list[dict[str, Any]] = [{"name": "reorient", "axcodes": "RAS"}]
+    if bias_field:
+        out.append({"name": "bias_field"})
+    out += [{"name": "coregister", "reference": "auto"},
+            {"name": "brain_extract", "method": brain_extraction, "role": "auto"},
+            {"name": "atlas_register", "template": "mni152_2009", "spacing": list(spacing)},
+            {"name": "brain_mask", "method": "extracted"}]
+    return out
+
+
+def clinical_volume_spec(roles: Sequence[str], shape: Sequence[int], *, spacing: Sequence[float] = (1.0, 1.0, 1.0),
+                         normalize: str = "zscore", bias_field: bool = True) -> dict[str, Any]:
+    """The 3D spec for clinical input: bias field, co-registration, brain extraction, MNI152 grid, crop, normalise.
+
+    The crop is centred on the template's brain (not on each case's brain):
+    in template space every brain sits in the same place, and a fixed window
+    keeps the anatomy at the same voxel for every case.
+    """
+    return validate_spec({
+        "version": SPEC_VERSION,
+        "roles": list(roles),
+        "transforms": [*clinical_transforms(spacing=spacing, bias_field=bias_field),
+                       {"name": "crop_or_pad", "shape": list(shape), "anchor": "template_brain_center"},
+                       {"name": "normalize", "method": normalize, "where": "brain"}],
+        "slices": None,
+    })
+
+
+def clinical_slice_spec(roles: Sequence[str], *, count: int, size: Sequence[int] = (224, 224),
+                        spacing: Sequence[float] = (1.0, 1.0, 1.0), shape: Sequence[int] = (192, 224, 160),
+                        axis: int = 2, bias_field: bool = True,
+                        normalize: str = "zscore_brain_per_slice") -> dict[str, Any]:
+    """The 2D-slice spec (MMDLM) for clinical input: the clinical transforms, then slices in the brain range."""
+    return validate_spec({
+        "version": SPEC_VERSION,
+        "roles": list(roles),
+        "transforms": [*clinical_transforms(spacing=spacing, bias_field=bias_field),
+                       {"name": "crop_or_pad", "shape": list(shape), "anchor": "template_brain_center"}],
+        "slices": {"axis": axis, "selection": "brain_range", "count": count, "size": list(size),
+                   "normalize": normalize},
+    })
+
+
+def is_clinical(spec: Mapping[str, Any]) -> bool:
+    """Whether a spec brings native heads into template space (brain extraction + atlas registration)."""
+    names = {t.get("name") for t in spec.get("transforms", [])}
+    return {"brain_extract", "atlas_register"} <= names
 
 
 # --------------------------------------------------------------------------- transforms
@@ -500,7 +619,18 @@ def _overlap(m: np.ndarray, out_shape: tuple[int, ...], in_shape: tuple[int, ...
 
 
 def _brain_mask(case: _Case, p: dict[str, Any]) -> dict[str, Any]:
-    """Brain = voxels where any role's magnitude exceeds ``threshold`` (data are skull-stripped)."""
+    """Brain = voxels where any role's magnitude exceeds ``threshold`` (data are skull-stripped), or the extracted mask.
+
+    ``extracted``: the mask ``brain_extract`` made, carried onto the grid by
+    ``atlas_register``; everything outside it is set to 0 in every role, so a
+    native head leaves this step looking like a skull-stripped BraTS volume.
+    """
+    if p["method"] == "extracted":
+        if case.mask is None or not case.mask.any():
+            raise PreprocessError("brain mask is empty after registration to the template")
+        for role in case.arrays:
+            case.arrays[role] = np.where(case.mask, case.arrays[role], np.float32(0)).astype(np.float32)
+        return {"method": "extracted", "voxels": int(case.mask.sum()), "bbox": _bbox(case.mask)}
     mask = np.zeros(next(iter(case.arrays.values())).shape, dtype=bool)
     for data in case.arrays.values():
         mask |= np.abs(data) > p["threshold"]
@@ -528,6 +658,12 @@ def _crop_or_pad(case: _Case, p: dict[str, Any]) -> dict[str, Any]:
         assert case.mask is not None  # guaranteed by validate_spec
         box = _bbox(case.mask)
         centre = [(a + b) / 2.0 for a, b in box]
+    elif p["anchor"] == "template_brain_center":
+        # in template space every brain sits where the template's does: one fixed window for all cases
+        if case.template_mask is None:
+            raise PreprocessError("crop_or_pad: anchor 'template_brain_center' needs 'atlas_register' before it")
+        box = _bbox(case.template_mask)
+        centre = [(a + b) / 2.0 for a, b in box]
     else:
         box = None
         centre = [n / 2.0 for n in src_shape]
@@ -549,6 +685,8 @@ def _crop_or_pad(case: _Case, p: dict[str, Any]) -> dict[str, Any]:
         before = int(case.mask.sum())
         case.mask = window(case.mask, False)
         truncated = int(case.mask.sum()) < before
+    if case.template_mask is not None:
+        case.template_mask = window(case.template_mask, False)
     shift = np.eye(4)
     shift[:3, 3] = start
     case.set_shared_affine(case.affine @ shift)
@@ -595,6 +733,8 @@ def _transpose(case: _Case, p: dict[str, Any]) -> dict[str, Any]:
         case.arrays[role] = np.ascontiguousarray(np.transpose(case.arrays[role], axes))
     if case.mask is not None:
         case.mask = np.ascontiguousarray(np.transpose(case.mask, axes))
+    if case.template_mask is not None:
+        case.template_mask = np.ascontiguousarray(np.transpose(case.template_mask, axes))
     perm = np.zeros((4, 4))
     perm[3, 3] = 1.0
     for k, a in enumerate(axes):
@@ -603,7 +743,13 @@ def _transpose(case: _Case, p: dict[str, Any]) -> dict[str, Any]:
     return {"axes": axes}
 
 
+from models import clinical as _clinical  # noqa: E402  (its transforms register below)
+
 for _name, _fn, _geo in [
+    ("bias_field", _clinical.bias_field, True),
+    ("coregister", _clinical.coregister, True),
+    ("brain_extract", _clinical.brain_extract, True),
+    ("atlas_register", _clinical.atlas_register, True),
     ("reorient", _reorient, True),
     ("resample", _resample, True),
     ("brain_mask", _brain_mask, False),
@@ -683,6 +829,15 @@ def _resize2d(img: np.ndarray, size: Sequence[int]) -> np.ndarray:
 # --------------------------------------------------------------------------- entry points
 
 
+def _declared_code(value: Any) -> int:
+    """The NIfTI sform code (qform when no sform) of an image: 4 declares MNI152 space; 0 for arrays."""
+    header = getattr(value, "header", None)
+    if header is None or not hasattr(header, "get_sform"):
+        return 0
+    code = int(header.get_sform(coded=True)[1] or 0)
+    return code or int(header.get_qform(coded=True)[1] or 0)
+
+
 def _load_volume(role: str, value: Any) -> tuple[np.ndarray, np.ndarray]:
     if isinstance(value, (str, os.PathLike)):
         value = nib.load(os.fspath(value))
@@ -718,7 +873,27 @@ def _require_shared_geometry(case: _Case) -> None:
                 f"(tolerance {GEOMETRY_ATOL}); add a 'resample' transform or check the series")
 
 
-def apply_spec(spec: Mapping[str, Any], volumes: Mapping[str, VolumeInput]) -> PreprocessedCase:
+def source_measurements(original: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """Slice thickness, in-plane spacing and slice count of each role's source grid (the gate compares them).
+
+    "Slice thickness" is the largest voxel size (the spacing between slices of
+    a 2D series as NIfTI records it); the in-plane spacing the mean of the two
+    others; the slice count is taken along the thickest axis.
+    """
+    out: dict[str, float] = {}
+    for role, o in original.items():
+        aff = np.asarray(o["affine"], dtype=np.float64)
+        zooms = np.sqrt((aff[:3, :3] ** 2).sum(axis=0))
+        thick = int(np.argmax(zooms))
+        others = [float(z) for k, z in enumerate(zooms) if k != thick]
+        out[f"slice_thickness_mm/{role}"] = round(float(zooms[thick]), 3)
+        out[f"inplane_spacing_mm/{role}"] = round(float(np.mean(others)), 3)
+        out[f"slices/{role}"] = float(o["shape"][thick])
+    return out
+
+
+def apply_spec(spec: Mapping[str, Any], volumes: Mapping[str, VolumeInput], *,
+               cache: MutableMapping[str, Any] | None = None) -> PreprocessedCase:
     """Prepare one case's volumes (by role) exactly as ``spec`` says.
 
     ``volumes[role]`` may be a nibabel image, a path to one, or ``(array,
@@ -726,6 +901,13 @@ def apply_spec(spec: Mapping[str, Any], volumes: Mapping[str, VolumeInput]) -> P
     missing role, unusable volume or geometry conflict raises
     :class:`PreprocessError`; a bad spec raises :class:`SpecError`.
     Deterministic: the same inputs give the same bytes.
+
+    ``cache``: any mutable mapping (a dict, or one backed by files) in which
+    the clinical transforms keep their expensive results (bias fields, masks,
+    registrations) keyed by the input's content and their parameters, so that
+    several checkpoints' specs over one study pay for them once.
+    ``meta["measurements"]`` holds what the gate compares (see
+    :mod:`models.measures`).
     """
     spec = validate_spec(spec)
     roles = spec["roles"]
@@ -735,15 +917,23 @@ def apply_spec(spec: Mapping[str, Any], volumes: Mapping[str, VolumeInput]) -> P
     arrays: dict[str, np.ndarray] = {}
     affines: dict[str, np.ndarray] = {}
     original: dict[str, Any] = {}
+    declared: dict[str, int] = {}
     for role in roles:
-        data, affine = _load_volume(role, volumes[role])
+        value = volumes[role]
+        if isinstance(value, (str, os.PathLike)):
+            value = nib.load(os.fspath(value))
+        declared[role] = _declared_code(value)
+        data, affine = _load_volume(role, value)
         bad = ~np.isfinite(data)
         if bad.any():
             data = np.where(bad, np.float32(0), data)
         arrays[role], affines[role] = data, affine
         original[role] = {"shape": list(data.shape), "affine": _aff_list(affine),
                           "axcodes": "".join(nio.aff2axcodes(affine)), "nonfinite_voxels": int(bad.sum())}
-    case = _Case(arrays=arrays, affines=affines, reference=roles[0])
+    case = _Case(arrays=arrays, affines=affines, reference=roles[0], cache=cache, declared=declared)
+    if cache is not None:
+        case.content_key = _clinical._content_key(case)
+    case.measurements.update(source_measurements(original))
     steps: list[dict[str, Any]] = []
     shared = False
     for t in spec["transforms"]:
@@ -752,14 +942,19 @@ def apply_spec(spec: Mapping[str, Any], volumes: Mapping[str, VolumeInput]) -> P
             _require_shared_geometry(case)
             shared = True
         steps.append({"name": t["name"], **tr.apply(case, t)})
+        case.chain.append(t)
     if not shared:
         _require_shared_geometry(case)
     meta: dict[str, Any] = {
         "spec_version": spec["version"], "roles": roles, "original": original, "steps": steps,
         "ignored_roles": sorted(set(volumes) - set(roles)),
         "shape": list(case.arrays[roles[0]].shape), "affine": _aff_list(case.affine),
+        "measurements": dict(case.measurements),
     }
-    result = PreprocessedCase(arrays={}, affine=case.affine.copy(), meta=meta, mask=case.mask)
+    if case.meta.get("cache_hits"):
+        meta["cache_hits"] = list(case.meta["cache_hits"])
+    result = PreprocessedCase(arrays={}, affine=case.affine.copy(), meta=meta, mask=case.mask,
+                              template_mask=case.template_mask)
     if spec["slices"] is not None:
         arrays_2d, smask, sidx, smeta = _select_slices(case, spec["slices"])
         result.arrays = arrays_2d

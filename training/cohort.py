@@ -61,7 +61,7 @@ __all__ = ["PROFILES", "CohortProfile", "CohortSummary", "CohortParams", "GradeP
 #: BraTS2020 training: 293 HGG / 76 LGG
 BRATS2020_HGG_FRACTION: float = 293 / 369
 #: bump when the generator changes what a given seed produces
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 FORMAT = "training.cohort/1"
 
 
@@ -203,7 +203,9 @@ def _write_nifti(path: Path, data: np.ndarray, affine: np.ndarray, compresslevel
     img = nib.Nifti1Image(data, affine)
     img.header.set_xyzt_units("mm", "sec")
     img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
+    # sform code 4 ("MNI152"): the cohort's world IS the template's (its anatomy is the MNI152
+    # template, moved per case), so the clinical atlas step only resamples it (models.clinical)
+    img.set_sform(affine, code=4)
     raw = img.to_bytes()
     tmp = path.with_name(path.name + ".part")
     tmp.write_bytes(gzip.compress(raw, compresslevel=compresslevel, mtime=0))
