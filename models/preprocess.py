@@ -884,7 +884,10 @@ def source_measurements(original: Mapping[str, Mapping[str, Any]]) -> dict[str, 
     for role, o in original.items():
         aff = np.asarray(o["affine"], dtype=np.float64)
         zooms = np.sqrt((aff[:3, :3] ** 2).sum(axis=0))
-        thick = int(np.argmax(zooms))
+        # the thickest axis; among (near-)equal voxel sizes (an isotropic volume) the one with the fewest
+        # voxels, so a 240x240x155 BraTS volume has 155 slices and a sagittal 176x256x256 MPRAGE 176
+        top = [k for k in range(3) if zooms[k] >= zooms.max() * 0.999]
+        thick = min(top, key=lambda k: (int(o["shape"][k]), k))
         others = [float(z) for k, z in enumerate(zooms) if k != thick]
         out[f"slice_thickness_mm/{role}"] = round(float(zooms[thick]), 3)
         out[f"inplane_spacing_mm/{role}"] = round(float(np.mean(others)), 3)

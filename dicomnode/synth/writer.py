@@ -1,6 +1,7 @@
 """Write volumes as a multi-series brain MR study: classic MR or Enhanced MR objects."""
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import re
 from collections.abc import Iterable, Mapping
@@ -16,7 +17,7 @@ from pydicom.valuerep import DSfloat
 from pydicom.sr.codedict import codes
 
 from . import protocols as _p
-from .geometry import SliceStack, check_affine, slice_stack
+from .geometry import PLANES, SliceStack, check_affine, slice_stack
 from .phantom import ROLES
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
@@ -51,6 +52,9 @@ def _ds(value: float) -> DSfloat:
         text = text[:-2]
     if len(text) <= 16 and "e" not in text:
         return DSfloat(text)
+    short = f"{v:.15g}"  # drops floating-point noise such as 0.6000000000000001 (a rotated affine's spacing)
+    if len(short) <= 16 and "e" not in short:
+        return DSfloat(short)
     return DSfloat(v, auto_format=True)
 
 
@@ -187,11 +191,13 @@ class _Context:
     with_contrast: bool
     bits: int
     character_set: str
+    protocols: dict[str, _p.Protocol]          # role -> protocol with the caller's plane/acquisition overrides
+    thickness: dict[str, float]                # role -> SliceThickness where it differs from the slice spacing
 
 
 def _base_dataset(ctx: _Context, role: str, series_uid: str, series_start: float) -> Dataset:
     eq = _p.equipment(ctx.vendor, ctx.enhanced)
-    pr = _p.protocol(ctx.vendor, role)
+    pr = ctx.protocols[role]
     ds = Dataset()
     ds.SpecificCharacterSet = ctx.character_set
     ds.InstanceCreationDate = ctx.study_date
@@ -267,7 +273,7 @@ def _acquisition_matrix(pr: _p.Protocol, stack: SliceStack) -> list[int]:
 
 def _classic_series(ctx: _Context, role: str, volume: np.ndarray, affine: np.ndarray,
                     series_uid: str, series_start: float) -> list[Dataset]:
-    pr = _p.protocol(ctx.vendor, role)
+    pr = ctx.protocols[role]
     eq = _p.equipment(ctx.vendor, ctx.enhanced)
     stack = slice_stack(volume, affine, pr.plane)
     scaling = _scale(stack.pixels, ctx.bits)
@@ -287,7 +293,7 @@ def _classic_series(ctx: _Context, role: str, volume: np.ndarray, affine: np.nda
         if pr.sequence_name is not None:
             ds.SequenceName = pr.sequence_name
         ds.AngioFlag = "N"
-        ds.SliceThickness = _ds(stack.slice_spacing)
+        ds.SliceThickness = _ds(ctx.thickness.get(role, stack.slice_spacing))
         ds.RepetitionTime = _ds(pr.repetition_time)
         ds.EchoTime = _ds(pr.echo_time)
         if pr.inversion_time is not None:
@@ -330,7 +336,7 @@ def _classic_series(ctx: _Context, role: str, volume: np.ndarray, affine: np.nda
 
 def _enhanced_series(ctx: _Context, role: str, volume: np.ndarray, affine: np.ndarray,
                      series_uid: str, series_start: float) -> Dataset:
-    pr = _p.protocol(ctx.vendor, role)
+    pr = ctx.protocols[role]
     eq = _p.equipment(ctx.vendor, ctx.enhanced)
     stack = slice_stack(volume, affine, pr.plane)
     scaling = _scale(stack.pixels, ctx.bits)
@@ -404,7 +410,7 @@ def _enhanced_series(ctx: _Context, role: str, volume: np.ndarray, affine: np.nd
     shared = Dataset()
     shared.PixelMeasuresSequence = _seq(
         PixelSpacing=[_ds(v) for v in stack.pixel_spacing],
-        SliceThickness=_ds(stack.slice_spacing),
+        SliceThickness=_ds(ctx.thickness.get(role, stack.slice_spacing)),
         SpacingBetweenSlices=_ds(stack.slice_spacing),
     )
     shared.PlaneOrientationSequence = _seq(
@@ -532,18 +538,42 @@ def _latin1(text: str) -> bool:
 
 
 # --------------------------------------------------------------------------- public
-def write_study(volumes: Mapping[str, np.ndarray], affine: np.ndarray, out_dir: str | Path, *,
+def _per_role(name: str, value: Mapping[str, object] | None, wanted: list[str]) -> dict[str, object]:
+    """Upper-case the keys of a per-role option; every key must be a role being written."""
+    if value is None:
+        return {}
+    out = {str(k).upper(): v for k, v in value.items()}
+    extra = sorted(set(out) - set(wanted))
+    if extra:
+        raise ValueError(f"{name} names roles that are not written: {', '.join(extra)}")
+    return out
+
+
+def write_study(volumes: Mapping[str, np.ndarray], affine: np.ndarray | Mapping[str, np.ndarray],
+                out_dir: str | Path, *,
                 vendor: str = "siemens", enhanced: bool = False, seed: int = 0,
                 study_instance_uid: str | None = None, patient_name: str = "SYNTHETIC^GLIOMA",
                 patient_id: str = "SYN0001", study_date: str = "20260101",
-                roles: Iterable[str] | None = None, bits: int = 16) -> WrittenStudy:
+                roles: Iterable[str] | None = None, bits: int = 16,
+                planes: Mapping[str, str] | None = None,
+                slice_thickness: Mapping[str, float] | None = None,
+                acquisition_types: Mapping[str, str] | None = None) -> WrittenStudy:
     """Write one brain MR study, one series per role, under ``out_dir``.
 
     ``volumes`` maps role (see :data:`ROLES`) to a 3-D array in NIfTI voxel order
-    with the NIfTI RAS ``affine``.  Classic MR Image Storage writes one file per
+    with the NIfTI RAS ``affine``: one 4x4 for every role, or a mapping role ->
+    4x4 when each series has its own grid (native scanner geometry, e.g.
+    :func:`training.heads.native_study`).  Classic MR Image Storage writes one file per
     slice (``<role>/<nnnn>.dcm``); ``enhanced=True`` writes one Enhanced MR Image
     Storage file per series (``<role>/0001.dcm``).  UIDs are derived from
     ``seed`` (and the study UID), so the same call writes the same UIDs.
+
+    Per-role overrides of the vendor protocol: ``planes`` ("ax" | "sag" |
+    "cor": the plane the volume's axes are laid out in, instead of the
+    protocol's), ``slice_thickness`` (SliceThickness in mm when it differs
+    from the slice spacing, i.e. 2D stacks with a gap) and
+    ``acquisition_types`` ("2D" | "3D": MRAcquisitionType and what follows
+    from it, such as interleaved slice times).
     """
     vendor = vendor.lower()
     if vendor not in _p.VENDORS:
@@ -554,7 +584,6 @@ def write_study(volumes: Mapping[str, np.ndarray], affine: np.ndarray, out_dir: 
     if not re.fullmatch(r"\d{8}", study_date):
         raise ValueError(f"study_date must be YYYYMMDD, got {study_date!r}")
     _dt.datetime.strptime(study_date, "%Y%m%d")
-    affine = check_affine(affine)
     # role names are matched case-insensitively, so BraTS keys (t1, t1ce, t2, flair) work too
     by_role: dict[str, np.ndarray] = {}
     for key, volume in volumes.items():
@@ -567,6 +596,36 @@ def write_study(volumes: Mapping[str, np.ndarray], affine: np.ndarray, out_dir: 
             raise ValueError(f"no volume for role {role!r}")
         if np.asarray(by_role[role]).ndim != 3:
             raise ValueError(f"volume for {role} must be 3-D, got shape {np.shape(by_role[role])}")
+    if isinstance(affine, Mapping):
+        by_role_affine = {str(k).upper(): v for k, v in affine.items()}
+        missing = [r for r in wanted if r not in by_role_affine]
+        if missing:
+            raise ValueError(f"no affine for role(s) {', '.join(missing)}")
+        affines = {r: check_affine(by_role_affine[r]) for r in wanted}
+    else:
+        one = check_affine(affine)
+        affines = {r: one for r in wanted}
+    plane_of = _per_role("planes", planes, wanted)
+    thick_of = _per_role("slice_thickness", slice_thickness, wanted)
+    acq_of = _per_role("acquisition_types", acquisition_types, wanted)
+    protocols: dict[str, _p.Protocol] = {}
+    for role in wanted:
+        pr = _p.protocol(vendor, role)
+        if role in plane_of:
+            if plane_of[role] not in PLANES:
+                raise ValueError(f"plane for {role} must be one of {', '.join(PLANES)}, got {plane_of[role]!r}")
+            pr = dataclasses.replace(pr, plane=str(plane_of[role]))
+        if role in acq_of:
+            if acq_of[role] not in ("2D", "3D"):
+                raise ValueError(f"acquisition type for {role} must be 2D or 3D, got {acq_of[role]!r}")
+            pr = dataclasses.replace(pr, acquisition_type=str(acq_of[role]))
+        protocols[role] = pr
+    thickness: dict[str, float] = {}
+    for role, value in thick_of.items():
+        t = float(value)  # type: ignore[arg-type]
+        if not (np.isfinite(t) and t > 0):
+            raise ValueError(f"slice thickness for {role} must be a positive number of mm, got {value!r}")
+        thickness[role] = t
     ordered = [r for r in _p.ACQUISITION_ORDER if r in wanted]
 
     study_uid = study_instance_uid or _uid("study", seed, vendor, enhanced, patient_id, study_date)
@@ -578,6 +637,7 @@ def write_study(volumes: Mapping[str, np.ndarray], affine: np.ndarray, out_dir: 
         study_start=study_start, injection=injection, patient=_patient(int(seed), study_date),
         with_contrast="T1CE" in ordered, bits=bits,
         character_set="ISO_IR 100" if _latin1(patient_name + patient_id) else "ISO_IR 192",
+        protocols=protocols, thickness=thickness,
     )
     out = Path(out_dir)
     written = WrittenStudy(study_instance_uid=study_uid)
@@ -585,9 +645,9 @@ def write_study(volumes: Mapping[str, np.ndarray], affine: np.ndarray, out_dir: 
         series_uid = _uid(study_uid, seed, "series", vendor, enhanced, role)
         volume = np.asarray(by_role[role])
         if enhanced:
-            datasets = [_enhanced_series(ctx, role, volume, affine, series_uid, starts[role])]
+            datasets = [_enhanced_series(ctx, role, volume, affines[role], series_uid, starts[role])]
         else:
-            datasets = _classic_series(ctx, role, volume, affine, series_uid, starts[role])
+            datasets = _classic_series(ctx, role, volume, affines[role], series_uid, starts[role])
         role_dir = out / role
         role_dir.mkdir(parents=True, exist_ok=True)
         for old in role_dir.iterdir():  # only names this writer makes: a rerun replaces them
