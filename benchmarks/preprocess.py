@@ -27,16 +27,15 @@ sys.path.insert(0, str(REPO))
 
 
 def _study(tmp: Path) -> dict[str, Path]:
-    """A native whole-head study on disk, converted by dcm2niix; returns role -> NIfTI and the dcm2niix seconds."""
+    """A native whole-head study written as DICOM: a 3D 1 mm T1, 2D 5 mm T1CE, T2 and FLAIR (role -> folder)."""
     from dicomnode.synth.writer import write_study
     from training import heads
 
-    vols = heads.benchmark_study(seed=7) if hasattr(heads, "benchmark_study") else None
-    if vols is None:
-        raise SystemExit("training.heads.benchmark_study is missing")
-    volumes, affines = vols
-    write_study(volumes, affines, tmp / "dicom", seed=7)
-    return {r: tmp / "dicom" / r for r in volumes}
+    three_d, two_d = heads.geometry_preset("siemens", "3d"), heads.geometry_preset("siemens", "2d")
+    geometries = {"T1": three_d["T1"], "T1CE": two_d["T1CE"], "T2": two_d["T2"], "FLAIR": two_d["FLAIR"]}
+    study = heads.native_study(heads.synthetic_case(seed=7), geometries, vendor="siemens", seed=7)
+    written = write_study(**study.writer_args(), out_dir=tmp / "dicom", vendor="siemens", seed=7)
+    return {r: tmp / "dicom" / r for r in written.series}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -157,6 +157,10 @@ def cmd_status(args: argparse.Namespace) -> int:
                     finds = ", ".join(f"{t} {f['label']} (P({f.get('positive_class', 'positive')}) = {f['probability']:.2f})"
                                       for t, f in m["findings"].items())
                     print(f"    report: {m['family']}: {finds}")
+                for d in rep.get("declined", []):  # the input gate: reasons, never a grade
+                    print(f"    report: {d['family']}: not graded: {'; '.join(d['reasons'])}")
+                if rep.get("gate_loosened"):
+                    print(f"    report: {rep['gate_loosened']}")
             for d in v.get("deliveries", []):
                 print(f"    delivery to {d.get('destination')}: {d.get('state')}"
                       + (f" ({d.get('last_error')})" if d.get("last_error") else ""))
@@ -189,9 +193,29 @@ def cmd_events(args: argparse.Namespace) -> int:
 def cmd_synth(args: argparse.Namespace) -> int:
     from .synth import make_phantom, write_study
 
-    volumes, affine = make_phantom(shape=tuple(args.shape), seed=args.seed, tumour=True, grade=args.grade)
-    written = write_study(volumes, affine, args.out, vendor=args.vendor, enhanced=args.enhanced, seed=args.seed)
-    print(f"wrote {len(written.all_files())} files, {len(written.series)} series to {args.out}")
+    if not args.head:
+        if args.case_dir is not None or args.geometry is not None:
+            print("dicomnode synth: --case-dir and --geometry need --head", file=sys.stderr)
+            return 2
+        volumes, affine = make_phantom(shape=tuple(args.shape), seed=args.seed, tumour=True, grade=args.grade)
+        written = write_study(volumes, affine, args.out, vendor=args.vendor, enhanced=args.enhanced, seed=args.seed)
+        print(f"wrote {len(written.all_files())} files, {len(written.series)} series to {args.out}")
+        return 0
+    # the top floor may call training: a whole head in native scanner geometry around a cohort brain
+    from training.heads import load_brats_case, native_study, synthetic_case
+
+    style = args.geometry or "mixed"
+    try:
+        case = (load_brats_case(args.case_dir) if args.case_dir is not None
+                else synthetic_case(seed=args.seed, grade=args.grade))
+        study = native_study(case, style, vendor=args.vendor, seed=args.seed)
+        written = write_study(**study.writer_args(), out_dir=args.out, vendor=args.vendor, enhanced=args.enhanced,
+                              seed=args.seed)
+    except (OSError, ValueError) as exc:
+        print(f"dicomnode synth: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(written.all_files())} files, {len(written.series)} series ({style} {args.vendor} "
+          f"whole head around {case.case_id}) to {args.out}")
     return 0
 
 
@@ -264,7 +288,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--enhanced", action="store_true", help="Enhanced MR multi-frame instead of classic")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--grade", default="HGG", choices=["HGG", "LGG"])
-    sp.add_argument("--shape", type=int, nargs=3, default=[64, 64, 40])
+    sp.add_argument("--shape", type=int, nargs=3, default=[64, 64, 40], help="phantom grid (without --head)")
+    sp.add_argument("--head", action="store_true",
+                    help="a whole head in native scanner geometry around a synthetic cohort brain "
+                         "(training.heads), instead of the phantom")
+    sp.add_argument("--geometry", choices=["3d", "2d", "mixed"], default=None,
+                    help="with --head: 3D 1 mm, 2D 5 mm axial, or mixed (3D T1/T1CE, 2D T2/FLAIR; default)")
+    sp.add_argument("--case-dir", type=Path, default=None,
+                    help="with --head: a BraTS-layout case folder (<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz) "
+                         "instead of a freshly made cohort case")
     sp.set_defaults(func=cmd_synth)
 
     sp = sub.add_parser("demo", help="train demo checkpoints if none, run the node and a local PACS, "

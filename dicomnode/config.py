@@ -75,6 +75,7 @@ class DestinationSettings:
 
 
 SERVE_WORKER_CHOICES = ("auto", "none", "cpu", "gpu", "cpu,gpu")
+GATE_UNCHECKED_CHOICES = ("decline", "allow")
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,10 @@ class Settings:
     reconcile_interval_s: float = 30.0
     report_cannot_grade: bool = True
     summary_image: bool = True
+    # -- the gate: decline rather than guess (models.gate.GateSettings) -----------------
+    gate_margin: float = 0.25  # widen each training range by this fraction of its width (each side) before declining
+    gate_feature_factor: float = 1.0  # multiply the checkpoint's feature-distance threshold by this
+    gate_unchecked: str = "decline"  # what nobody measured (no ranges in the checkpoint, old specs): decline | allow
     destinations: tuple[DestinationSettings, ...] = ()
     dispatch_retry_initial_s: float = 10.0
     dispatch_retry_max_s: float = 600.0
@@ -338,6 +343,13 @@ def _validate(s: Settings) -> None:
         raise SettingsError("max_deliveries, worker_concurrency and dispatch_max_attempts must be at least 1")
     if not 0 < s.dispatch_retry_initial_s <= s.dispatch_retry_max_s:
         raise SettingsError("need 0 < dispatch_retry_initial_s <= dispatch_retry_max_s")
+    if not (s.gate_margin >= 0 and s.gate_margin < float("inf")):
+        raise SettingsError(f"gate_margin {s.gate_margin!r} must be a finite number >= 0 (a fraction of each "
+                            f"training range's width)")
+    if not (s.gate_feature_factor > 0 and s.gate_feature_factor < float("inf")):
+        raise SettingsError(f"gate_feature_factor {s.gate_feature_factor!r} must be a finite number > 0")
+    if s.gate_unchecked not in GATE_UNCHECKED_CHOICES:
+        raise SettingsError(f"gate_unchecked {s.gate_unchecked!r} is not one of {', '.join(GATE_UNCHECKED_CHOICES)}")
     if s.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise SettingsError(f"log_level {s.log_level!r} is not DEBUG, INFO, WARNING or ERROR")
 

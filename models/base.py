@@ -8,7 +8,8 @@ families are:
 - ``loss.py``     its training loss(es), as in the paper
 - ``family.py``   a module-level ``FAMILY: ModelFamily`` object binding them: name,
                   input roles, tasks and label coding, default hyper-parameters,
-                  default preprocessing spec, ``spec_for(hparams)``, ``build`` and ``predict``
+                  default preprocessing spec, ``spec_for(hparams)``, ``build``, ``predict``
+                  and ``features`` (what the head reads, for the gate)
 
 ``models`` imports nothing from ``dicomnode`` or ``training``.
 """
@@ -67,3 +68,7 @@ class ModelFamily:
     spec_for: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
     # the spec whose arrays fit a network built from these hparams: a checkpoint
     # whose spec produces another array shape is refused at save and at load
+    features: Callable[..., torch.Tensor] | None = None
+    # features(model, inputs: Mapping[role, Tensor], device="cpu") -> (B, F) float32 on the CPU:
+    # the penultimate representation the classification head reads (eval mode, no autocast),
+    # for the gate's out-of-distribution distance (models.gate.FeatureStats)

@@ -145,7 +145,12 @@ def _memo(case: _Case, name: str, params: Mapping[str, Any], compute: Any) -> An
     cache: MutableMapping[str, Any] | None = case.cache
     if cache is None:
         return compute()
-    key = hashlib.sha256(json.dumps([name, dict(params), case.chain, case.content_key or _content_key(case)],
+    if case.content_key is None:
+        # hashed at the first memoised transform (the arrays then are the inputs after ``case.chain``,
+        # which is part of the key), so a spec without clinical transforms never pays for hashing
+        case.content_key = _content_key(case)
+        case.content_chain = len(case.chain)
+    key = hashlib.sha256(json.dumps([name, dict(params), case.chain, case.content_chain, case.content_key],
                                     sort_keys=True).encode()).hexdigest()
     if key in cache:
         case.meta.setdefault("cache_hits", []).append(name)
@@ -153,6 +158,63 @@ def _memo(case: _Case, name: str, params: Mapping[str, Any], compute: Any) -> An
     value = compute()
     cache[key] = value
     return value
+
+
+class DirCache(MutableMapping[str, Any]):
+    """The memo of :func:`_memo` on disk: one ``.npz`` per key (arrays and numbers, no pickles).
+
+    Why on disk: the node prepares a study once per checkpoint, in separate
+    steps or processes; a restarted or redelivered step should not pay for
+    deepbet and registration again. Values are tuples of arrays and numbers
+    (what the transforms memoise); writes are atomic (temporary name + rename).
+    """
+
+    def __init__(self, root: Any) -> None:
+        from pathlib import Path
+
+        self.root = Path(root)
+
+    def _path(self, key: str) -> Any:
+        return self.root / f"{key[:32]}.npz"
+
+    def __getitem__(self, key: str) -> Any:
+        path = self._path(key)
+        if not path.is_file():
+            raise KeyError(key)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                n = int(z["n"])
+                out = []
+                for i in range(n):
+                    v = z[f"v{i}"]
+                    out.append(float(v) if v.ndim == 0 and v.dtype.kind == "f" else v)
+                return tuple(out)
+        except (OSError, ValueError, KeyError) as exc:  # a torn or foreign file: recompute
+            raise KeyError(key) from exc
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        import os
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        items = value if isinstance(value, tuple) else (value,)
+        arrays = {f"v{i}": np.asarray(v) for i, v in enumerate(items)}
+        path = self._path(key)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as fh:
+            np.savez(fh, n=np.asarray(len(items)), **arrays)
+        os.replace(tmp, path)
+
+    def __delitem__(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def __iter__(self) -> Any:
+        return iter(())  # keys are hashes; nobody needs to list them
+
+    def __len__(self) -> int:
+        return len(list(self.root.glob("*.npz"))) if self.root.is_dir() else 0
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self._path(key).is_file()
 
 
 def reference_role(roles: list[str] | tuple[str, ...], wanted: str) -> str:
@@ -171,8 +233,9 @@ def reference_role(roles: list[str] | tuple[str, ...], wanted: str) -> str:
 def bias_field(case: _Case, p: dict[str, Any]) -> dict[str, Any]:
     """N4 bias-field correction per role, fitted on a coarse grid (``shrink_mm``) and applied at full resolution.
 
-    Why coarse: the field is smooth by definition, and fitting at 1 mm costs
-    10x the time for the same field. The fitting mask is the non-zero voxels
+    Why coarse: the field is smooth by definition, and N4's cost grows with the
+    voxels it fits (measured: 64x64x48 voxels 17 s, 21x21x16 1 s; a 1 mm head
+    at 4 mm 6 s, at 8 mm 1 s), so the default fits on an ~8 mm grid. The fitting mask is the non-zero voxels
     for a skull-stripped input and an Otsu foreground otherwise (a noisy
     background would otherwise pull the field).
     """
@@ -195,7 +258,11 @@ def bias_field(case: _Case, p: dict[str, Any]) -> dict[str, Any]:
             n4 = sitk.N4BiasFieldCorrectionImageFilter()
             n4.SetMaximumNumberOfIterations([int(i) for i in p["iterations"]])
             n4.Execute(small, small_mask)
-            log_field = sitk.GetArrayFromImage(n4.GetLogBiasFieldAsImage(img)).transpose(2, 1, 0)
+            # The field is smooth: evaluate its B-splines on the fitting grid and interpolate linearly to full
+            # resolution (evaluating them at every full-resolution voxel cost ~4 s per 1 mm volume).
+            coarse = n4.GetLogBiasFieldAsImage(small)
+            full = sitk.Resample(coarse, img, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+            log_field = sitk.GetArrayFromImage(full).transpose(2, 1, 0)
             corrected = (data / np.exp(log_field)).astype(np.float32)
             return corrected, float(np.exp(log_field[data > 0]).std()) if (data > 0).any() else 0.0
 
@@ -491,7 +558,8 @@ def atlas_register(case: _Case, p: dict[str, Any]) -> dict[str, Any]:
     case.template_mask = tm.copy()
     meas = case.measurements
     meas["atlas_mi"] = round(mutual_information(case.arrays[ref], tt, tm), 4)
-    meas["atlas_scale"] = round(float(abs(np.linalg.det(A[:3, :3]))) ** (1.0 / 3.0), 4)
+    if not declared:  # a head size is measured only by a registration; 1.0 by fiat would narrow the range
+        meas["atlas_scale"] = round(float(abs(np.linalg.det(A[:3, :3]))) ** (1.0 / 3.0), 4)
     overlap = float(np.logical_and(case.mask, tm).sum())
     meas["atlas_dice"] = round(2.0 * overlap / max(1.0, float(case.mask.sum() + tm.sum())), 4)
     pts = np.argwhere(tm)[:: max(1, int(tm.sum()) // 4000)].astype(np.float64)
@@ -505,9 +573,9 @@ def atlas_register(case: _Case, p: dict[str, Any]) -> dict[str, Any]:
         if role != ref:
             meas[f"coregister_mi/{role}"] = round(mutual_information(case.arrays[role], case.arrays[ref], case.mask), 4)
     info.update(shape=list(shape), spacing=list(p["spacing"]), atlas_mi=meas["atlas_mi"], atlas_dice=meas["atlas_dice"],
-                atlas_scale=meas["atlas_scale"])
+                atlas_scale=meas.get("atlas_scale"))
     return info
 
 
 __all__ = ["NIFTI_CODE_MNI", "TEMPLATES", "atlas_register", "bias_field", "brain_extract", "coregister",
-           "looks_skull_stripped", "mutual_information", "reference_role", "template", "template_grid"]
+           "DirCache", "looks_skull_stripped", "mutual_information", "reference_role", "template", "template_grid"]

@@ -392,6 +392,30 @@ def check_volume_input(x: torch.Tensor, in_channels: int, input_shape: tuple[int
         )
 
 
+def volume_features(
+    model: nn.Module,
+    inputs: Mapping[str, torch.Tensor],
+    *,
+    roles: Sequence[str],
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """(B, F) float32 on the CPU: what the classifier of ``model`` reads (``model(x).features``).
+
+    Eval mode (restored afterwards), no gradients, no autocast: the gate's statistics are fitted
+    and compared in float32, so the distance does not depend on the serving precision.
+    """
+    dev = torch.device(device)
+    was_training = model.training
+    model.to(dev)
+    model.train(False)
+    try:
+        with torch.no_grad():
+            z = model(stack_roles(inputs, roles).to(dev)).features
+    finally:
+        model.train(was_training)
+    return z.detach().float().cpu()
+
+
 class VolumeClassifier(Protocol):
     """What ``predict_volume_classifier`` needs of a network: logits and last-stage maps."""
 

@@ -124,6 +124,7 @@ class _Case:
     # clinical transforms (models.clinical): results memoised in ``cache`` when the caller gives one
     cache: MutableMapping[str, Any] | None = None
     content_key: str | None = None
+    content_chain: int = 0  # how many transforms had run when content_key was taken
     chain: list[dict[str, Any]] = field(default_factory=list)  # transforms applied so far (keys the memo)
     declared: dict[str, int] = field(default_factory=dict)  # NIfTI sform code per role (4 = MNI)
     rigid: dict[str, np.ndarray] = field(default_factory=dict)  # reference world -> role world (RAS mm)
@@ -298,7 +299,7 @@ def _validate_bias_field(p: dict[str, Any], where: str) -> dict[str, Any]:
     if not isinstance(its, (list, tuple)) or not its or len(its) > 4:
         raise SpecError(f"{where}.iterations: expected 1-4 iteration counts (one per fitting level), got {its!r}")
     return {"name": "bias_field",
-            "shrink_mm": _number(p.get("shrink_mm", 4.0), f"{where}.shrink_mm", positive=True, maximum=16.0),
+            "shrink_mm": _number(p.get("shrink_mm", 8.0), f"{where}.shrink_mm", positive=True, maximum=16.0),
             "iterations": [_int(i, f"{where}.iterations[{k}]", minimum=1, maximum=500) for k, i in enumerate(its)]}
 
 
@@ -536,6 +537,34 @@ def clinical_slice_spec(roles: Sequence[str], *, count: int, size: Sequence[int]
         "slices": {"axis": axis, "selection": "brain_range", "count": count, "size": list(size),
                    "normalize": normalize},
     })
+
+
+def clinical_variant(spec: Mapping[str, Any], *, bias_field: bool = True) -> dict[str, Any]:
+    """The clinical form of a BraTS-style spec: same roles, grid spacing, crop and normalisation, native heads in.
+
+    ``resample`` (co-location through the scanner frame) becomes the clinical
+    chain at the same spacing; the ``nonzero`` brain mask becomes the extracted
+    one; a crop anchored on each case's brain is anchored on the template's
+    brain instead (one window for every case in template space). A spec that
+    is already clinical comes back validated, unchanged.
+    """
+    clean = validate_spec(spec)
+    if is_clinical(clean):
+        return clean
+    out: list[dict[str, Any]] = []
+    for t in clean["transforms"]:
+        if t["name"] == "resample":
+            out += [x for x in clinical_transforms(spacing=t["spacing"], bias_field=bias_field)
+                    if x["name"] not in ("reorient", "brain_mask")]
+        elif t["name"] == "brain_mask":
+            out.append({"name": "brain_mask", "method": "extracted"})
+        elif t["name"] == "crop_or_pad" and t["anchor"] == "brain_bbox_center":
+            out.append({**t, "anchor": "template_brain_center"})
+        else:
+            out.append(dict(t))
+    if not any(t["name"] == "atlas_register" for t in out):
+        raise SpecError("clinical_variant: the spec has no 'resample' step to replace with the clinical chain")
+    return validate_spec({**clean, "transforms": out})
 
 
 def is_clinical(spec: Mapping[str, Any]) -> bool:
@@ -934,8 +963,6 @@ def apply_spec(spec: Mapping[str, Any], volumes: Mapping[str, VolumeInput], *,
         original[role] = {"shape": list(data.shape), "affine": _aff_list(affine),
                           "axcodes": "".join(nio.aff2axcodes(affine)), "nonfinite_voxels": int(bad.sum())}
     case = _Case(arrays=arrays, affines=affines, reference=roles[0], cache=cache, declared=declared)
-    if cache is not None:
-        case.content_key = _clinical._content_key(case)
     case.measurements.update(source_measurements(original))
     steps: list[dict[str, Any]] = []
     shared = False

@@ -55,6 +55,7 @@ class CheckpointInfo:
     training_data: dict[str, Any]
     versions: dict[str, str]
     spec: dict[str, Any] = field(default_factory=dict)  # the validated preprocessing spec (serving prepares with it)
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. extra["gate"]: training ranges the node's gate checks
 
     def load(self, *, map_location: str = "cpu", families: Mapping[str, ModelFamily] | None = None
              ) -> LoadedCheckpoint:
@@ -157,7 +158,7 @@ class CheckpointRegistry:
                 path=path, family=loaded.family.name, sha256=loaded.sha256, created=loaded.created,
                 input_roles=loaded.input_roles, labels=loaded.labels, metrics=loaded.metrics,
                 hparams=loaded.hparams, training_data=loaded.training_data, versions=loaded.versions,
-                spec=loaded.spec))
+                spec=loaded.spec, extra=dict(loaded.extra or {})))
             del loaded
 
     # ------------------------------------------------------------------ choosing

@@ -5,7 +5,9 @@ training run can produce. These come from the same path a site's models do:
 a synthetic BraTS-layout cohort (``training.cohort``), the family's own spec
 (``spec_for``) with a coarse spacing, a few optimiser steps on the family's
 network, a temperature fitted with ``training.calibration`` and the export of
-``training.export`` (which validates by loading the file back). Why tiny: the
+``training.export`` (which validates by loading the file back), with the gate's statistics
+(``extra["gate"]``: measurement ranges over the training cases, feature statistics with the
+threshold on :data:`VAL_CASES` held-out validation cases) as the protocols record them. Why tiny: the
 whole set builds in seconds on two cores and inference on CPU takes well under
 a second, so end-to-end tests (convert -> prepare -> infer -> report -> PACS)
 can run on every commit. The models learn next to nothing; do not read their
@@ -50,7 +52,8 @@ if str(REPO) not in sys.path:  # as a script: python tests/checkpoints.py
     sys.path.insert(0, str(REPO))
 
 from models.families import get_family  # noqa: E402
-from models.preprocess import apply_spec, to_batch  # noqa: E402
+from models.gate import case_measurements  # noqa: E402
+from models.preprocess import apply_spec, clinical_variant, to_batch  # noqa: E402
 from models.registry import CheckpointRegistry  # noqa: E402
 
 FAMILIES: tuple[str, ...] = ("promptnet", "fs3dcnn", "mmdlm")
@@ -58,10 +61,11 @@ SPACING_MM: float = 6.0
 FIELD_OF_VIEW_MM: float = 192.0
 VOXELS: int = int(FIELD_OF_VIEW_MM / SPACING_MM)  # 32 per side
 MMDLM_SLICES: int = 12
-COHORT_CASES: int = 8
+COHORT_CASES: int = 12
+VAL_CASES: int = 4  # the last cases of the cohort: not trained on; the gate's feature threshold comes from them
 TRAIN_STEPS: int = 4
 FALLBACK_TEMPERATURE: float = 1.5
-RECIPE_VERSION: int = 1  # bump when anything below changes what a checkpoint holds
+RECIPE_VERSION: int = 2  # bump when anything below changes what a checkpoint holds
 _STAMP = "tiny-checkpoints.json"
 
 _VOLUME_HPARAMS: dict[str, Any] = {
@@ -87,15 +91,20 @@ def hparams_for(family: str) -> dict[str, Any]:
     raise ValueError(f"no tiny recipe for family {family!r}; known: {', '.join(FAMILIES)}")
 
 
-def spec_for(family: str) -> dict[str, Any]:
-    """The family's own spec for the tiny hparams, resampled at :data:`SPACING_MM`."""
+def spec_for(family: str, *, clinical: bool = False) -> dict[str, Any]:
+    """The family's own spec for the tiny hparams, resampled at :data:`SPACING_MM`.
+
+    ``clinical``: its clinical variant (bias field, co-registration, brain
+    extraction, MNI152 grid at the same spacing), for tests that send native
+    whole heads and want them prepared the way a site's models would.
+    """
     fam = get_family(family)
     assert fam.spec_for is not None
     spec = copy.deepcopy(fam.spec_for(hparams_for(family)))
     for t in spec["transforms"]:
         if t["name"] == "resample":
             t["spacing"] = [SPACING_MM] * 3
-    return spec
+    return clinical_variant(spec) if clinical else spec
 
 
 def _cohort(out: Path, seed: int) -> list[Any]:
@@ -118,18 +127,24 @@ def _logits(family: str, model: torch.nn.Module, batch: Mapping[str, torch.Tenso
     return {"grade": model(x).logits}
 
 
-def _train_and_export(family: str, cases: Sequence[Any], out_file: Path, seed: int) -> str:
+def _train_and_export(family: str, all_cases: Sequence[Any], out_file: Path, seed: int,
+                      spec: Mapping[str, Any] | None = None) -> str:
+    """Train a few steps and export; ``spec`` (default :func:`spec_for`) must fit the tiny hparams
+    (e.g. ``models.preprocess.clinical_volume_spec(roles, [VOXELS] * 3, spacing=[SPACING_MM] * 3)``)."""
     from training.calibration import TemperatureFit, temperature_fit
     from training.cases import labels_array
-    from training.export import export_model
+    from training.export import export_model, gate_record
 
     torch.manual_seed(seed)
     fam = get_family(family)
     hp = hparams_for(family)
-    spec = spec_for(family)
+    spec = spec_for(family) if spec is None else copy.deepcopy(dict(spec))
     model = fam.build(hp)
+    cases, val_cases = list(all_cases[:-VAL_CASES]), list(all_cases[-VAL_CASES:])
     prepared = [apply_spec(spec, {r: c.images[r] for r in fam.input_roles}) for c in cases]
     batch = to_batch(prepared, fam.input_roles)
+    val_batch = to_batch([apply_spec(spec, {r: c.images[r] for r in fam.input_roles}) for c in val_cases],
+                         fam.input_roles)
     labels = {t: torch.from_numpy(labels_array(cases, t, missing=-1)) for t in fam.tasks}
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
     model.train()
@@ -150,8 +165,8 @@ def _train_and_export(family: str, cases: Sequence[Any], out_file: Path, seed: i
     model.eval()
     with torch.no_grad():
         logits = {t: z.float().numpy() for t, z in _logits(family, model, batch).items()}
-    # Temperatures are fitted on the training cases (an 8-case cohort has no validation split to
-    # spare). When the fit cannot identify T (typical after four steps: separated or hopeless
+    # Temperatures are fitted on the training cases (4 validation cases cannot identify one; they
+    # only set the gate's feature threshold). When the fit cannot identify T (typical after four steps: separated or hopeless
     # logits) it is set to FALLBACK_TEMPERATURE instead of 1.0, so tests exercise calibration.
     fits: dict[str, TemperatureFit] = {}
     for task, z in logits.items():
@@ -169,21 +184,25 @@ def _train_and_export(family: str, cases: Sequence[Any], out_file: Path, seed: i
         fits[task] = fit
     metrics = {"note": "tiny test checkpoint: trained a few steps on a synthetic cohort; metrics not meaningful",
                "train_steps": TRAIN_STEPS}
+    assert fam.features is not None
+    gate = gate_record([case_measurements(p.meta) for p in prepared],
+                       fam.features(model, batch).numpy(), fam.features(model, val_batch).numpy())
+    common: dict[str, Any] = {"train_cases": cases, "val_cases": val_cases, "metrics": metrics,
+                              "protocol": "tests.checkpoints", "row": family, "gate": gate}
     if family == "mmdlm":
         temps = {t: float(f.temperature) for t, f in fits.items()}
-        return export_model(out_file, model, family, hp, spec, train_cases=cases, metrics=metrics,
-                            protocol="tests.checkpoints", row=family,
+        return export_model(out_file, model, family, hp, spec, **common,
                             extra={"temperatures": temps, "recipe": RECIPE_VERSION})
-    return export_model(out_file, model, family, hp, spec, train_cases=cases, metrics=metrics,
-                        calibration=fits["grade"], protocol="tests.checkpoints", row=family,
+    return export_model(out_file, model, family, hp, spec, **common, calibration=fits["grade"],
                         extra={"recipe": RECIPE_VERSION})
 
 
-def _stamp(families: Sequence[str], seed: int) -> dict[str, Any]:
-    return {"recipe": RECIPE_VERSION, "families": sorted(families), "seed": seed}
+def _stamp(families: Sequence[str], seed: int, clinical: bool = False) -> dict[str, Any]:
+    return {"recipe": RECIPE_VERSION, "families": sorted(families), "seed": seed, "clinical": clinical}
 
 
-def build_checkpoints(out_dir: Path, families: Sequence[str] = FAMILIES, *, seed: int = 0) -> Path:
+def build_checkpoints(out_dir: Path, families: Sequence[str] = FAMILIES, *, seed: int = 0,
+                      clinical: bool = False) -> Path:
     """Build (or reuse) the tiny checkpoints of ``families`` in ``out_dir/checkpoints``; returns that folder.
 
     Reused when ``out_dir`` already holds this recipe's set for these families
@@ -192,7 +211,7 @@ def build_checkpoints(out_dir: Path, families: Sequence[str] = FAMILIES, *, seed
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "checkpoints"
     stamp_file = out_dir / _STAMP
-    want = _stamp(families, seed)
+    want = _stamp(families, seed, clinical)
     if stamp_file.exists() and json.loads(stamp_file.read_text()) == want:
         reg = CheckpointRegistry(ckpt_dir)
         if not reg.invalid and sorted(c.family for c in reg.checkpoints) == sorted(families):
@@ -205,7 +224,8 @@ def build_checkpoints(out_dir: Path, families: Sequence[str] = FAMILIES, *, seed
     try:
         cases = _cohort(out_dir / "cohort", seed)
         for family in families:
-            _train_and_export(family, cases, ckpt_dir / f"{family}-tiny.pt", seed)
+            _train_and_export(family, cases, ckpt_dir / f"{family}-tiny.pt", seed,
+                              spec=spec_for(family, clinical=clinical))
     finally:
         torch.set_num_threads(threads)
     (ckpt_dir / "checkpoints.json").unlink(missing_ok=True)  # export's index; not a checkpoint
@@ -214,7 +234,7 @@ def build_checkpoints(out_dir: Path, families: Sequence[str] = FAMILIES, *, seed
 
 
 def tiny_checkpoints(where: pytest.TempPathFactory | Path | str, families: Sequence[str] = FAMILIES, *,
-                     seed: int = 0) -> Path:
+                     seed: int = 0, clinical: bool = False) -> Path:
     """A directory holding one tiny, valid checkpoint per family (``<family>-tiny.pt``), built once per process.
 
     ``where``: pytest's ``tmp_path_factory`` (a fresh temporary folder, shared
@@ -226,11 +246,11 @@ def tiny_checkpoints(where: pytest.TempPathFactory | Path | str, families: Seque
     if unknown:
         raise ValueError(f"no tiny recipe for {unknown}; known: {', '.join(FAMILIES)}")
     root = "tmp_path_factory" if isinstance(where, pytest.TempPathFactory) else str(Path(where).resolve())
-    key = (tuple(sorted(fams)), f"{root}:{seed}")
+    key = (tuple(sorted(fams)), f"{root}:{seed}:{'clinical' if clinical else 'brats'}")
     if key in _BUILT and _BUILT[key].is_dir():
         return _BUILT[key]
     out = where.mktemp("tiny-checkpoints") if isinstance(where, pytest.TempPathFactory) else Path(where)
-    _BUILT[key] = build_checkpoints(out, fams, seed=seed)
+    _BUILT[key] = build_checkpoints(out, fams, seed=seed, clinical=clinical)
     return _BUILT[key]
 
 

@@ -205,3 +205,35 @@ class WorkerProcess:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+
+
+# -- the gate ------------------------------------------------------------------------------
+
+# Settings that let the tiny test checkpoints (old specs, "brain = nonzero voxels", made on a
+# skull-stripped synthetic cohort) grade make_phantom's whole heads: tests about transport and
+# durability set them explicitly, and the SR then says the gate was loosened.
+LOOSE_GATE: dict[str, Any] = {"gate_margin": 1000.0, "gate_feature_factor": 1000.0, "gate_unchecked": "allow"}
+GATE_LOOSENED_TEXT = "The input gate was loosened at this site"
+# what dsrdump shows of the SR's item even when it shortens long texts (its default)
+GATE_LOOSENED_ITEM = '"Input gate loosened")="The input gate was loosened'
+
+
+def regate(src: Path, dst: Path, *, ranges: dict[str, list[float]] | None = None, drop: bool = False) -> str:
+    """Copy a checkpoint with another ``extra["gate"]``, re-saved so its content hash stays valid.
+
+    ``ranges`` replaces or adds training ranges (name -> [lo, hi]); ``drop``
+    removes the gate (a checkpoint from before the gate). Returns the new sha256.
+    """
+    from models.checkpoint import load_checkpoint, save_checkpoint
+
+    ck = load_checkpoint(src)
+    extra = dict(ck.extra)
+    if drop:
+        extra.pop("gate", None)
+    else:
+        gate = dict(extra.get("gate") or {})
+        gate["ranges"] = {**dict(gate.get("ranges") or {}), **(ranges or {})}
+        extra["gate"] = gate
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    return save_checkpoint(dst, ck.model, ck.family.name, ck.hparams, ck.spec, training_data=ck.training_data,
+                           metrics=ck.metrics, temperature=ck.temperature, extra=extra)

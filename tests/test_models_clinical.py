@@ -158,3 +158,40 @@ def _outline_png(case, path: Path, m: dict) -> None:
     fig.savefig(path, dpi=70)
     plt.close(fig)
     assert path.stat().st_size > 10_000
+
+
+def test_dir_cache_round_trip(tmp_path: Path) -> None:
+    """The on-disk memo gives back what was stored (arrays exactly, numbers as floats); a torn file is a miss."""
+    cache = clinical.DirCache(tmp_path / "memo")
+    mask = np.zeros((4, 5, 6), dtype=bool)
+    mask[1:3, 2:4, 3:5] = True
+    cache["k" * 64] = (mask, np.eye(4) * 2.0)
+    cache["m" * 64] = (np.ones((2, 2), dtype=np.float32), 0.25)
+    got = cache["k" * 64]
+    assert np.array_equal(got[0], mask) and got[0].dtype == bool and np.array_equal(got[1], np.eye(4) * 2.0)
+    arr, number = cache["m" * 64]
+    assert number == 0.25 and isinstance(number, float)
+    assert "k" * 64 in cache and "x" * 64 not in cache
+    (tmp_path / "memo" / ("m" * 32 + ".npz")).write_bytes(b"torn")
+    with pytest.raises(KeyError):
+        cache["m" * 64]
+
+
+def test_clinical_variant_of_a_brats_spec() -> None:
+    """Any family's BraTS-style spec turns into the clinical chain at the same spacing, crop and normalisation."""
+    from models.preprocess import clinical_variant, slice_spec, volume_spec
+
+    brats = volume_spec(["T1", "T2", "FLAIR"], [32, 32, 32], spacing=(6.0, 6.0, 6.0))
+    clin = clinical_variant(brats)
+    names = [t["name"] for t in clin["transforms"]]
+    assert names == ["reorient", "bias_field", "coregister", "brain_extract", "atlas_register", "brain_mask",
+                     "crop_or_pad", "normalize"]
+    by = {t["name"]: t for t in clin["transforms"]}
+    assert by["atlas_register"]["spacing"] == [6.0, 6.0, 6.0]
+    assert by["crop_or_pad"]["shape"] == [32, 32, 32] and by["crop_or_pad"]["anchor"] == "template_brain_center"
+    assert by["brain_mask"]["method"] == "extracted"
+    assert clinical_variant(clin) == clin
+    assert "bias_field" not in [t["name"] for t in clinical_variant(brats, bias_field=False)["transforms"]]
+    sl = clinical_variant(slice_spec(["T2", "FLAIR", "T1CE"], count=8, size=(32, 32), spacing=(6, 6, 6),
+                                     shape=(32, 32, 32)))
+    assert is_clinical(sl) and sl["slices"]["count"] == 8

@@ -333,3 +333,96 @@ def test_a_case_prepared_for_another_spec_is_refused(converted, ckpt_dir: Path) 
     mm_case = prepare(cache.get(by["mmdlm"].checkpoint, "cpu").spec, {r: Path(c.nifti) for r, c in converted.items()})
     with pytest.raises(ValueError, match="another spec"):
         run_model(by["fs3dcnn"], mm_case, converted, cache, device="cpu")
+
+
+# ----------------------------------------------------------------------------- the gate
+
+
+def _niftis(converted) -> dict[str, Path]:
+    return {r: Path(c.nifti) for r, c in converted.items()}
+
+
+def test_gate_findings_before_inference(converted, phantom, ckpt_dir: Path, tmp_path: Path) -> None:
+    from models.gate import GateSettings
+    from nodeutil import regate
+
+    from dicomnode.process.prepare import gate_case
+
+    reg = CheckpointRegistry(ckpt_dir)
+    (sel,) = reg.select(["T1", "T2", "FLAIR"])
+    ck = sel.checkpoint
+    assert ck.extra == ModelCache().get(ck, "cpu").extra  # the registry exposes the checkpoint's extra
+    head = prepare(ck.spec, _niftis(converted))
+    # an old spec ("brain = nonzero voxels") on a whole head: nothing measured says so, the gate declines
+    # it as unchecked; only gate_unchecked = "allow" lets it through
+    strict = gate_case(ck.extra.get("gate"), ck.spec, head, GateSettings())
+    assert "nonzero_share" in [f.name for f in strict]
+    skull = next(f for f in strict if f.name == "nonzero_share")
+    assert skull.value == 1.0 and skull.high == 0.6 and "does not look skull-stripped" in skull.reason
+    loose = GateSettings(margin=1000.0, feature_factor=1000.0, unchecked="allow")
+    assert gate_case(ck.extra.get("gate"), ck.spec, head, loose) == []
+    # a training range the case lies outside of: the finding names the measurement, its value and the range
+    path = tmp_path / "ranged.pt"
+    regate(ck.path, path, ranges={"slice_thickness_mm/T2": [1.0, 1.0]})
+    (ranged,) = CheckpointRegistry(path).select(["T1", "T2", "FLAIR"])
+    found = gate_case(ranged.checkpoint.extra["gate"], ck.spec, head, GateSettings(unchecked="allow"))
+    assert [(f.name, f.value, f.unit, f.low, f.high) for f in found] == [("slice_thickness_mm/T2", 5.0, "mm", 1.0, 1.0)]
+    assert found[0].reason == "slice thickness (T2) 5.0 mm; this model was trained on 1.0\u20131.0 mm"
+    assert gate_case(ranged.checkpoint.extra["gate"], ck.spec, head, loose) == []  # a margin of 1000 widths
+    # a checkpoint from before the gate: declined as unchecked unless allowed
+    bare = tmp_path / "bare.pt"
+    regate(ck.path, bare, drop=True)
+    (old,) = CheckpointRegistry(bare).select(["T1", "T2", "FLAIR"])
+    assert "gate" not in old.checkpoint.extra
+    assert "training_ranges" in [f.name for f in gate_case(None, ck.spec, head, GateSettings())]
+    # the same phantom, skull-stripped: not flagged
+    from dicomnode.synth import TISSUES, phantom_labels
+
+    vols, aff = phantom
+    outside = [TISSUES[t] for t in ("background", "scalp", "skull")]
+    brain = ~np.isin(phantom_labels(shape=SHAPE, spacing=SPACING, seed=0), outside)
+    paths = {}
+    for role in ("T1", "T2", "FLAIR"):
+        paths[role] = tmp_path / f"{role}.nii.gz"
+        nib.save(nib.Nifti1Image(np.where(brain, vols[role], 0).astype(np.float32), aff), paths[role])
+    stripped = prepare(ck.spec, paths)
+    assert "nonzero_share" not in [f.name for f in gate_case(ck.extra.get("gate"), ck.spec, stripped,
+                                                             GateSettings())]
+
+
+def test_feature_distance_before_trusting_a_prediction(converted, ckpt_dir: Path, tmp_path: Path) -> None:
+    from models.gate import GateSettings, feature_distance
+    from nodeutil import regate
+
+    from dicomnode.process.infer import check_case_features
+
+    reg = CheckpointRegistry(ckpt_dir)
+    cache = ModelCache()
+    selections = [*reg.select(["T1", "T1CE", "T2", "FLAIR"]), *reg.select(["T1", "T2", "FLAIR"])]
+    for sel in selections:
+        ckpt = cache.get(sel.checkpoint, "cpu")
+        case = prepare(ckpt.spec, _niftis(converted))
+        gate = ckpt.extra.get("gate")
+        strict = check_case_features(sel, case, cache, GateSettings(), device="cpu")
+        if gate and gate.get("features"):
+            from models.preprocess import to_batch
+
+            f = ckpt.family.features(ckpt.model, to_batch([case], ckpt.input_roles))
+            assert strict.distance == pytest.approx(feature_distance(gate, f.numpy()[0]), rel=1e-6)
+            assert strict.threshold == pytest.approx(gate["features"]["threshold"])
+            assert (strict.finding is None) == (strict.distance <= strict.threshold)
+            if strict.finding is not None:
+                assert strict.finding.name == "feature_distance" and strict.finding.value == strict.distance
+            huge = check_case_features(sel, case, cache, GateSettings(feature_factor=1e6), device="cpu")
+            assert huge.finding is None and huge.threshold == pytest.approx(strict.threshold * 1e6)
+        # the prediction carries the case's measurements (the source geometry at least)
+        result = run_model(sel, case, converted, cache, device="cpu")
+        assert result.measurements["slice_thickness_mm/T2"] == 5.0 and "slices/T2" in result.measurements
+    # a checkpoint without feature statistics: unchecked
+    path = tmp_path / "bare.pt"
+    regate(selections[-1].checkpoint.path, path, drop=True)
+    (bare,) = CheckpointRegistry(path).select(["T1", "T2", "FLAIR"])
+    case = prepare(bare.checkpoint.spec, _niftis(converted))
+    check = check_case_features(bare, case, cache, GateSettings(), device="cpu")
+    assert check.distance is None and check.finding is not None and check.finding.name == "feature_distance"
+    assert check_case_features(bare, case, cache, GateSettings(unchecked="allow"), device="cpu").finding is None

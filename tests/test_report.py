@@ -14,6 +14,8 @@ import pytest
 
 from dicomnode.pipeline.results import (
     Decision,
+    Declined,
+    GateReason,
     InputSeries,
     KeySlice,
     ModelResult,
@@ -169,6 +171,58 @@ def cannot_grade_result(study) -> VersionResult:
     )
 
 
+MEASUREMENTS = {"brain_volume_ml": 1548.4, "atlas_mi": 0.61, "slice_thickness_mm/T2": 5.5,
+                "inplane_spacing_mm/T2": 0.9, "slices/T2": 16.0}
+LOOSENED = ("The input gate was loosened at this site: measurement ranges widened by 1000% of the training "
+            "range (default 25%).")
+
+
+def declined(family: str = "mmdlm", sha: str = SHA_B, prepared: str | None = None) -> Declined:
+    return Declined(
+        family=family, paper="seed 002 (MMDLM)", checkpoint_name=f"{family}-2026.ckpt", checkpoint_sha256=sha,
+        input_roles=["T1CE", "T2", "FLAIR"], stage="measurements", measurements=dict(MEASUREMENTS),
+        prepared_case=prepared,
+        reasons=[GateReason("slice_thickness_mm/T2", 5.5, "mm", 1.0, 1.0,
+                            "slice thickness (T2) 5.5 mm; this model was trained on 1.0\u20131.0 mm"),
+                 GateReason("brain_volume_ml", 1548.4, "ml", 1100.0, 1400.0,
+                            "brain volume 1,548 ml; this model was trained on 1,100\u20131,400 ml")])
+
+
+@pytest.fixture()
+def gated_result(promptnet_result) -> VersionResult:
+    """PromptNet graded (with its case's measurements), MMDLM declined by the gate, the gate loosened."""
+    graded = dataclasses.replace(promptnet_result.results[0], measurements=dict(MEASUREMENTS),
+                                 feature_distance=3.25, feature_threshold=7.5)
+    decisions = [promptnet_result.decisions[0], Decision("mmdlm", True, "mmdlm runs on T1CE+T2+FLAIR, all present.")]
+    return dataclasses.replace(promptnet_result, results=[graded], declined=[declined()], gate_loosened=LOOSENED,
+                               decisions=decisions)
+
+
+@pytest.fixture()
+def all_declined_result(promptnet_result) -> VersionResult:
+    d = declined()
+    return dataclasses.replace(promptnet_result, results=[], declined=[d],
+                               cannot_grade="No model could grade this study. " + d.sentence())
+
+
+def _groups(path: Path) -> dict[str, list]:
+    """Measurement groups of an SR by tracking identifier -> their content items."""
+    ds = pydicom.dcmread(path)
+    out = {}
+    for container in ds.ContentSequence:
+        for group in container.get("ContentSequence", []):
+            items = list(group.get("ContentSequence", []))
+            ident = [i.TextValue for i in items if i.ValueType == "TEXT"
+                     and i.ConceptNameCodeSequence[0].CodeValue == "112039"]
+            if ident:
+                out[ident[0]] = items
+    return out
+
+
+def _names(items) -> list[str]:
+    return [i.ConceptNameCodeSequence[0].CodeMeaning for i in items]
+
+
 # --------------------------------------------------------------------------- codes
 def test_codes_cover_every_model_label_and_name_a_source():
     from models.base import TASKS
@@ -185,6 +239,27 @@ def test_codes_cover_every_model_label_and_name_a_source():
     assert sct == {"772292003", "1163375002", "371469007", "12738006"}
     assert codes.CLASS_CODE["LGG"].code.scheme_designator == codes.PRIVATE_SCHEME
     assert codes.PROBABILITY.code.value == "122157" and codes.PROBABILITY.code.scheme_designator == "DCM"
+
+
+def test_measurement_codes_follow_the_models_vocabulary():
+    """Every measurement models.measures defines has a private NUM concept with the same UCUM unit."""
+    from models.base import ROLES
+    from models.measures import MEASURES
+
+    assert set(MEASURES) <= set(codes.MEASUREMENT_CONCEPTS)
+    assert set(codes.MEASUREMENT_CONCEPTS) - set(MEASURES) == set(codes.GATE_ONLY_MEASUREMENTS)
+    values = set()
+    for prefix, measure in MEASURES.items():
+        assert codes.MEASUREMENT_CONCEPTS[prefix][2] == measure.unit, prefix
+        for name in [prefix, *(f"{prefix}/{role}" for role in (*ROLES, "OTHER"))]:
+            code = codes.measurement_code(name)
+            assert code is not None and len(code.code.value) <= 16, name  # CodeValue is SH
+            assert code.code.scheme_designator == codes.PRIVATE_SCHEME and len(code.code.meaning) <= 64
+            assert codes.measurement_unit(name).code.value == measure.unit
+            values.add(code.code.value)
+    assert len(values) == len(MEASURES) * (len(ROLES) + 2)  # one code per measurement and role, no clashes
+    assert codes.measurement_code("no_such_measure") is None
+    assert {u.code.value for u in codes.UNITS.values()} == {"1", "mm", "ml"}
 
 
 # --------------------------------------------------------------------------- SR content
@@ -269,6 +344,80 @@ def test_cannot_grade_sr_says_why_without_a_finding(cannot_grade_result, tmp_pat
     assert "CANNOT GRADE: No model can grade this study" in text
 
 
+def test_sr_carries_measurements_declined_models_and_the_loosened_gate(gated_result, tmp_path):
+    path = write_reports(gated_result, tmp_path, algorithm_version=VERSION, when=WHEN, summary_image=False)[0]
+    assert_valid(path)
+    dump = dsrdump(path)
+    # the graded model's case measurements: NUM items with UCUM units, in a group of their own
+    for needle in ('NUM:(BRAINVOL,99DCMNODE,"Brain volume")="1548.4" (ml,UCUM,"milliliter")',
+                   'NUM:(SLICETHICK-T2,99DCMNODE,"Slice thickness (T2)")="5.5" (mm,UCUM,"mm")',
+                   'NUM:(ATLASMI,99DCMNODE,"Registration to template (mutual information)")="0.61" (1,UCUM,"no units")',
+                   'NUM:(FEATDIST,99DCMNODE,"Image-feature distance from training data")="3.25"',
+                   '"Input gate loosened")="' + LOOSENED,
+                   # the declined model: each reason as TEXT (Latin-1: the en dash becomes "-") ...
+                   '"Input gate finding")="slice thickness (T2) 5.5 mm; this model was trained on 1.0-1.0 mm"',
+                   '"Input gate finding")="brain volume 1,548 ml; this model was trained on 1,100-1,400 ml"',
+                   "MMDLM (multi-task slice model) (mmdlm) did not grade this study",
+                   '"Model path and reason")="mmdlm: selected, then declined by the input gate. mmdlm runs on'):
+        assert needle in dump, needle
+    groups = _groups(path)
+    assert set(groups) == {"promptnet grade", "promptnet input measurements", "mmdlm declined"}
+    # ... and NEVER a finding, a probability or a class for it
+    assert not {"Finding", "Probability", "Histologic grade", "Class probabilities"} & set(_names(groups["mmdlm declined"]))
+    assert "Finding" not in _names(groups["promptnet input measurements"])
+    nums = {i.ConceptNameCodeSequence[0].CodeValue: float(i.MeasuredValueSequence[0].NumericValue)
+            for i in groups["mmdlm declined"] if i.ValueType == "NUM"}
+    assert nums["SLICETHICK-T2"] == 5.5 and nums["BRAINVOL"] == 1548.4
+    import highdicom as hd
+
+    parsed = hd.sr.srread(path)
+    found = [g.finding_type.meaning for g in parsed.content.get_image_measurement_groups() if g.finding_type]
+    assert found == ["Low grade glioma"]  # the declined model contributes no finding
+    text = describe(path)
+    assert "* mmdlm declined: NOT GRADED (declined by the input gate)" in text
+    assert "Brain volume: 1548.4 ml" in text and "mmdlm" not in text.split("* mmdlm declined")[0].split("promptnet grade")[1]
+    # the declined checkpoint counts for the report's identity: the same question under another gate setting
+    # is answered in the same object
+    graded_too = dataclasses.replace(gated_result, declined=[], results=[*gated_result.results, dataclasses.replace(
+        gated_result.results[0], family="mmdlm", checkpoint_sha256=SHA_B)])
+    assert report_uids(graded_too) == report_uids(gated_result)
+
+
+def test_cannot_grade_because_every_model_was_declined(all_declined_result, tmp_path):
+    paths = write_reports(all_declined_result, tmp_path, algorithm_version=VERSION, when=WHEN)
+    for p in paths:
+        assert_valid(p)
+    dump = dsrdump(paths[0])
+    assert '"Finding"' not in dump and '"Probability"' not in dump
+    assert ('"Cannot grade")="No model could grade this study. MMDLM (multi-task slice model): slice thickness (T2) '
+            '5.5 mm; this model was trained on 1.0-1.0 mm; brain volume 1,548 ml; this model was trained on '
+            '1,100-1,400 ml."') in dump
+    assert 'NUM:(SLICETHICK-T2,99DCMNODE,"Slice thickness (T2)")="5.5"' in dump
+    assert "CANNOT GRADE: No model could grade this study. MMDLM" in describe(paths[0])
+    from dicomnode.report.summary import summary_lines
+
+    lines = summary_lines(all_declined_result)
+    joined = " ".join(t for _, t in lines)
+    assert "CANNOT GRADE" in joined and "not graded: slice thickness (T2) 5.5 mm" in joined
+    assert "Grade:" not in joined and "P(" not in joined
+
+
+def test_old_result_files_without_the_gate_still_load(gated_result):
+    import json
+
+    again = VersionResult.from_json(gated_result.to_json())
+    assert again == gated_result
+    old = json.loads(gated_result.to_json())
+    del old["declined"], old["gate_loosened"]
+    for m in old["results"]:
+        for k in ("measurements", "prepared_case", "feature_distance", "feature_threshold"):
+            del m[k]
+        for key in m["key_slices"]:
+            key.pop("grid_index", None)
+    back = VersionResult.from_json(json.dumps(old))
+    assert back.declined == [] and back.gate_loosened is None and back.results[0].measurements == {}
+
+
 def test_superseding_sr_names_its_predecessor(mmdlm_result, tmp_path):
     first = build_sr(dataclasses.replace(mmdlm_result, version=1), algorithm_version=VERSION, when=WHEN)
     second_result = dataclasses.replace(
@@ -345,6 +494,109 @@ def test_summary_image_is_valid_rgb_secondary_capture(mmdlm_result, study, tmp_p
     joined = " ".join(t for _, t in summary_lines(mmdlm_result))
     assert PATIENT_NAME.split("^")[0] not in joined and PATIENT_ID not in joined
     assert "Grade: HGG" in joined and "IDH: IDH-mutant" in joined and "missing: none" in joined
+
+
+def _prepared_cases(out: Path) -> tuple[Path, Path, int]:
+    """A volume case (with a template brain) and a slice case of the phantom, saved as the pipeline saves them."""
+    from scipy import ndimage
+
+    from models.casefile import save_case
+    from models.preprocess import apply_spec, slice_spec, volume_spec
+
+    vols, affine = make_phantom(shape=(40, 40, 16), spacing=(5.0, 5.0, 8.0), seed=3, grade="HGG")
+    brain = ndimage.binary_erosion(vols["T1"] > np.percentile(vols["T1"], 60), iterations=1)
+    stripped = {r: np.where(brain, v, 0).astype(np.float32) for r, v in vols.items()}
+    spec = volume_spec(["T1", "T2", "FLAIR"], (40, 40, 32), spacing=(5.0, 5.0, 5.0))
+    case = apply_spec(spec, {r: (stripped[r], affine) for r in spec["roles"]})
+    case.meta["spec"] = spec
+    case.template_mask = ndimage.binary_dilation(case.mask, iterations=2)
+    save_case(case, out / "volume.npz")
+    sspec = slice_spec(["T1CE", "T2", "FLAIR"], count=12, size=(32, 32), spacing=(5.0, 5.0, 5.0), shape=(40, 40, 32))
+    sc = apply_spec(sspec, {r: (stripped[r], affine) for r in sspec["roles"]})
+    sc.meta["spec"] = sspec
+    save_case(sc, out / "slices.npz")
+    return out / "volume.npz", out / "slices.npz", int(sc.slice_indices[5])
+
+
+def _inside(result: VersionResult, panel) -> None:
+    """Every piece of text drawn on the page lies inside it."""
+    from dicomnode.report.summary import HEIGHT, WIDTH, figure
+
+    fig = figure(result, panel, algorithm_version=VERSION)
+    renderer = fig.canvas.get_renderer()
+    artists = list(fig.texts) + [a.title for a in fig.axes]
+    for t in artists:
+        if not t.get_text():
+            continue
+        box = t.get_window_extent(renderer)
+        assert box.x0 >= 0 and box.y0 >= 0 and box.x1 <= WIDTH and box.y1 <= HEIGHT, (t.get_text(), box)
+
+
+def test_summary_shows_what_the_model_saw(gated_result, mmdlm_result, tmp_path):
+    from dicomnode.report.summary import MASK_COLOUR, TEMPLATE_COLOUR, choose_panel, summary_lines
+
+    volume, slices, grid_index = _prepared_cases(tmp_path)
+    # a graded volume model and a declined one: the graded model's prepared case, axial, with both outlines
+    result = dataclasses.replace(gated_result, results=[dataclasses.replace(gated_result.results[0],
+                                                                            prepared_case=str(volume))],
+                                 declined=[declined(prepared=str(slices))])
+    panel = choose_panel(result)
+    assert panel is not None and "as promptnet saw it (template grid" in panel.caption and not panel.key
+    assert panel.pixels.shape == (40, 40)
+    assert [(colour, label) for _, colour, label in panel.outlines] == [(MASK_COLOUR, "brain mask"),
+                                                                       (TEMPLATE_COLOUR, "template brain")]
+    assert all(o.shape == panel.pixels.shape and o.any() and not o.all() for o, _, _ in panel.outlines)
+    assert panel.steps[:2] == ["reorient to RAS", "resample to 5.0x5.0x5.0 mm (grid 40x40x26)"]
+    assert any(line.startswith("brain mask (nonzero): ") for line in panel.steps)
+    _inside(result, panel)
+    ds = build_summary(result, algorithm_version=VERSION, when=WHEN)
+    path = tmp_path / "summary.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    assert_valid(path)
+    arr = pydicom.dcmread(path).pixel_array
+    left = arr[:, :460].astype(int)
+    cyan = (left[..., 0] < 60) & (left[..., 1] > 200) & (left[..., 2] > 230)
+    magenta = (left[..., 0] > 230) & (left[..., 1] < 110) & (left[..., 2] > 190)
+    assert cyan.sum() > 100 and magenta.sum() > 100
+    joined = " ".join(t for _, t in summary_lines(result))
+    assert "not graded: slice thickness (T2) 5.5 mm" in joined and LOOSENED in joined
+    assert "DECLINED by the gate: mmdlm runs on" in joined and "RAN: mmdlm" not in joined
+    assert joined.count("Grade:") == 1  # promptnet's; the declined MMDLM shows no grade
+    # the key slice of a slice model, from its prepared bag, with the brain-mask outline
+    t2 = next(s for s in mmdlm_result.inputs if s.role == "T2")
+    key = KeySlice("T2", 0.41, t2.instances[9], grid_index=grid_index)
+    mm = dataclasses.replace(mmdlm_result, results=[dataclasses.replace(mmdlm_result.results[0], key_slices=[key],
+                                                                        prepared_case=str(slices))])
+    panel = choose_panel(mm)
+    assert panel is not None and panel.key and panel.caption == "Key slice (T2) as mmdlm saw it, attention 0.41"
+    assert panel.pixels.shape == (32, 32) and [label for _, _, label in panel.outlines] == ["brain mask"]
+    assert panel.steps[-1] == "slices: 12 of a bag of 12 (axis 2)"
+    _inside(mm, panel)
+    # only a declined model prepared a case: its case is shown, and still no grade anywhere
+    only = dataclasses.replace(gated_result, results=[], declined=[declined(prepared=str(volume))],
+                               cannot_grade="No model could grade this study.")
+    panel = choose_panel(only)
+    assert panel is not None and "as mmdlm saw it" in panel.caption
+    assert "Grade:" not in " ".join(t for _, t in summary_lines(only))
+    _inside(only, panel)
+    # a case file that is gone: the source series, as before
+    gone = dataclasses.replace(result, results=[dataclasses.replace(result.results[0],
+                                                                    prepared_case=str(tmp_path / "gone.npz"))],
+                               declined=[])
+    panel = choose_panel(gone)
+    assert panel is not None and panel.caption.startswith("Middle slice of") and panel.outlines == []
+
+
+def test_summary_text_stays_on_the_page_with_long_reasons(all_declined_result, tmp_path):
+    from dicomnode.report.summary import choose_panel
+
+    volume, _, _ = _prepared_cases(tmp_path)
+    long_reason = GateReason("intensity_cv/FLAIR", 9.99, "1", 0.1, 0.2, "intensity spread inside the brain "
+                             "(std/mean) (FLAIR) 9.99; this model was trained on 0.10-0.20 " + "x" * 200)
+    d = dataclasses.replace(declined(prepared=str(volume)), reasons=[long_reason] * 6)
+    result = dataclasses.replace(all_declined_result, declined=[d, d], gate_loosened=LOOSENED * 3,
+                                 cannot_grade="No model could grade this study. " + d.sentence() * 3)
+    _inside(result, choose_panel(result))
 
 
 def test_summary_without_key_slices_uses_middle_t1ce_or_flair(promptnet_result, cannot_grade_result):

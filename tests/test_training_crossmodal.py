@@ -85,6 +85,9 @@ def test_run_exports_a_checkpoint_the_node_loads_and_predicts(cohort: Path, trai
     assert ckpt.hparams["secondary_order"] == ["FLAIR", "T2", "T1"]
     assert ckpt.training_data["train"]["n_cases"] >= 4
     assert set(ckpt.metrics) >= {"val", "test", "stages", "calibration"}
+    gate = ckpt.extra["gate"]  # the node's gate: training ranges, features thresholded on validation
+    assert gate["n_cases"] == ckpt.training_data["train"]["n_cases"] and gate["ranges"]
+    assert gate["features"]["dim"] == 4 * ckpt.model.feature_channels and gate["features"]["n_val"] > 0
     # serve path: the checkpoint's own spec on a raw case, then predict
     case = read_dataset(cohort)[0]
     pre = apply_spec(ckpt.spec, {r: case.images[r] for r in ckpt.input_roles})

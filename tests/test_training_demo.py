@@ -41,6 +41,10 @@ def test_demo_exports_loadable_checkpoints(demo: tuple[DemoArtifacts, float]) ->
         assert "test" in info.metrics and "val" in info.metrics
         loaded = info.load()
         assert loaded.sha256 == info.sha256
+        gate = loaded.extra["gate"]  # the node's gate: training ranges, features thresholded on validation
+        assert gate["ranges"] and gate["n_cases"] == len(info.training_data["train_case_ids"])
+        assert gate["features"]["chosen_on"] == "validation"
+        assert gate["features"]["n_val"] == len(info.training_data["val_case_ids"]) > 0
     # roles decide which models run: no T1CE -> only the contrast-free PromptNet
     chosen = [s.family.name for s in reg.select(["T1", "T2", "FLAIR"])]
     assert chosen == ["promptnet"]

@@ -10,6 +10,8 @@ python -m training evaluate RUN                      # rebuild tables and figure
 python -m training export RUN --to DIR [--rows ...] [--repeat K]
 python -m training table1 --data DIR --out RUN       # seed 000's Table 1 on the small synthetic cohort
 python -m training demo-checkpoints --out DIR [--work DIR] [--seed N] [--threads N] [--no-mmdlm] [--size demo|tiny]
+python -m training prepare [PROTOCOL] --data PATH --cache DIR [--spec FILE.json ...] [--profile small]
+                           [--config F] [--set k=v ...] [--workers N] [--retry-failed] [--rebuild] [--quiet]
 ```
 
 A thin shell over the library, as pynetdicom's apps are: every subcommand is a few lines that call
@@ -92,7 +94,58 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--threads", type=int, default=2)
     dm.add_argument("--size", choices=("demo", "tiny"), default="demo")
     dm.add_argument("--no-mmdlm", action="store_true", help="skip MMDLM")
+    pr = sub.add_parser("prepare", help="preprocess every case of a dataset ONCE per spec into a cache that "
+                                         "training reads (--set data.cache_dir=DIR)")
+    pr.add_argument("protocol", nargs="?", default=None,
+                    help="prepare with the spec(s) this protocol trains with (promptnet, crossmodal, mmdlm)")
+    pr.add_argument("--spec", dest="specs", type=Path, action="append", default=[], metavar="FILE.json",
+                    help="prepare with this spec (JSON: a spec, or an object with a 'spec' key); repeatable")
+    pr.add_argument("--data", type=Path, required=True, help="BraTS folder, manifest CSV or UCSF-PDGM folder")
+    pr.add_argument("--cache", type=Path, required=True, help="cache folder (train with --set data.cache_dir=DIR)")
+    pr.add_argument("--profile", default=None, help="config profile of PROTOCOL, e.g. small")
+    pr.add_argument("--config", type=Path, default=None, help="TOML overrides of PROTOCOL's config")
+    pr.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="override one config value of PROTOCOL (as for train)")
+    pr.add_argument("--workers", type=int, default=1,
+                    help="parallel preparation processes (default 1: the right number on a 2-core machine)")
+    pr.add_argument("--retry-failed", action="store_true", help="try cases again whose failure was recorded")
+    pr.add_argument("--rebuild", action="store_true", help="prepare every case again, even valid entries")
+    pr.add_argument("--verify", choices=("none", "header", "data"), default=None,
+                    help="dataset check when reading (default: the protocol's data.verify, else header)")
+    pr.add_argument("--quiet", action="store_true", help="no per-case progress lines on stderr")
     return p
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    """``prepare``: the specs (a protocol's and/or files), then every case once per spec."""
+    from training.prepare import load_spec_file, prepare_dataset, protocol_specs
+    from training.protocols import ConfigError, load_config
+
+    if args.protocol is None and not args.specs:
+        raise ConfigError("prepare: name a PROTOCOL (its training specs) or give --spec FILE.json")
+    if args.protocol is None and (args.profile or args.config or args.sets):
+        raise ConfigError("prepare: --profile, --config and --set need a PROTOCOL")
+    if args.workers < 1:
+        raise ConfigError(f"prepare: --workers must be >= 1, got {args.workers}")
+    specs: dict[str, Any] = {}
+    verify = args.verify
+    if args.protocol is not None:
+        config = load_config(args.protocol, profile=args.profile, config_file=args.config, sets=args.sets)
+        specs.update(protocol_specs(args.protocol, config))
+        verify = verify or str(config["data"]["verify"])
+    for f in args.specs:
+        specs[f.stem if f.stem not in specs else str(f)] = load_spec_file(f)
+    if not args.data.exists():
+        from training.datasets import DatasetError
+
+        raise DatasetError("data path does not exist", path=args.data)
+    summary = prepare_dataset(args.data, specs, args.cache, verify=verify or "header", workers=args.workers,
+                              retry_failed=args.retry_failed, rebuild=args.rebuild, progress=not args.quiet)
+    print(summary.line())
+    if summary.n_cases and summary.count("failed") + summary.count("skipped") == len(summary.outcomes):
+        print("error: no case could be prepared", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _device(arg: str | None, local_rank: int, world: int) -> str:
@@ -200,6 +253,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{args.data} is empty: generating the {args.profile} synthetic cohort (seed {args.seed})")
                 _generate(args.data, args.profile, args.seed, None, None, False, sys.stderr.isatty())
             _train("promptnet", args.data, args.out, args.profile, args, args.threads)
+        elif args.command == "prepare":
+            return _prepare(args)
         elif args.command == "demo-checkpoints":
             from training.demo import make_demo_checkpoints, summary_lines
 

@@ -17,30 +17,45 @@ for batch in loader:                          # batch = collate_cases([...])
     batch["case_id"]         # list[str]
 ```
 
-Why a cache: preprocessing (reorient, resample, crop, z-score) costs far more than a small
+Why a cache: preprocessing (reorient, resample, crop, z-score; the clinical specs add N4 bias
+correction, brain extraction and two registrations, minutes per case) costs far more than a small
 network's forward pass, and it is the same every epoch and every repeat, so it is done once per
-case and spec. The cache file name holds a hash of the *validated* spec, so a changed spec
-(another grid, spacing, normalisation) can never reuse stale arrays; each file also records the
-source files' sizes and modification times and is rebuilt when a source changes.
+case and spec (``python -m training prepare`` fills the cache ahead of training, in parallel;
+``training.prepare``). The cache folder is named by a hash of the *validated* spec, so a changed
+spec (another grid, spacing, normalisation) can never reuse stale arrays; each entry also records
+the case id, the source files' paths, sizes and modification times and a fingerprint of the
+preprocessing code and the libraries it runs on (:func:`preprocess_fingerprint`), and is rebuilt
+when any of them changes. An entry is a ``models.casefile`` case file: the arrays AND the prepared
+case's ``meta`` (with ``meta["measurements"]``, the gate's training ranges), the format the node
+hands from its preprocess step to inference. A case that cannot be prepared is recorded
+(``<spec hash>/failed/<case>.json``, with the reason) and not tried again until its sources or the
+code change (or ``prepare --retry-failed``).
 Preprocessing always goes through ``models.preprocess.apply_spec``: the node serves with the
 same function on the same spec (no train/serve skew).
 """
 from __future__ import annotations
 
+import ast
+import functools
 import hashlib
+import importlib.metadata
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+import sys
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from nibabel.filebasedimages import ImageFileError
 from torch.utils.data import DataLoader, Dataset
 
-from models.preprocess import PreprocessError, SpecError, apply_spec, validate_spec
+from models.casefile import load_case, save_case
+from models.preprocess import PreprocessedCase, PreprocessError, SpecError, apply_spec, validate_spec
 from training.cases import TASKS, Case
 from training.datasets import DatasetError
 
@@ -51,13 +66,20 @@ __all__ = [
     "VolumeCache",
     "collate_cases",
     "make_loader",
+    "preprocess_fingerprint",
     "random_flip",
     "spec_hash",
     "to_device",
 ]
 
-#: bump when the cache file layout changes (part of every file's key)
-CACHE_FORMAT = 1
+#: bump when the cache layout changes (part of every spec hash). 2: entries are models.casefile
+#: case files (arrays + the prepared case's meta), failures recorded next to them.
+CACHE_FORMAT = 2
+
+#: libraries whose version can change a prepared array (interpolation, registration, brain extraction)
+_FINGERPRINT_PACKAGES: tuple[str, ...] = ("numpy", "scipy", "nibabel", "SimpleITK", "deepbet", "nilearn", "torch")
+#: the key of a cache entry's provenance inside its ``meta`` (stripped again when read)
+_STAMP_KEY = "training_cache"
 
 Batch = dict[str, Any]
 
@@ -70,6 +92,79 @@ def spec_hash(spec: Mapping[str, Any]) -> str:
     clean = validate_spec(spec)
     text = json.dumps({"cache_format": CACHE_FORMAT, "spec": clean}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _module_files(root: Path) -> list[Path]:
+    """``models/preprocess.py`` and every ``models`` module it imports (in-function imports too),
+    followed transitively: the code that decides a prepared array."""
+    pkg = root.parent
+    seen: set[Path] = set()
+    todo = [root]
+    while todo:
+        f = todo.pop()
+        if f in seen or not f.is_file():
+            continue
+        seen.add(f)
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(f.read_bytes(), filename=str(f))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                if node.module == pkg.name:
+                    names |= {a.name for a in node.names}
+                elif node.module.startswith(pkg.name + "."):
+                    names.add(node.module.split(".")[1])
+            elif isinstance(node, ast.Import):
+                names |= {a.name.split(".")[1] for a in node.names if a.name.startswith(pkg.name + ".")}
+        for name in names:
+            for cand in (pkg / f"{name}.py", pkg / name / "__init__.py"):
+                if cand.is_file() and cand not in seen:
+                    todo.append(cand)
+    return sorted(seen)
+
+
+def _code_only(path: Path) -> str:
+    """The module's syntax tree without docstrings, comments, formatting or line numbers: editing
+    the documentation of ``models/preprocess.py`` does not throw a prepared cache away."""
+    tree = ast.parse(path.read_bytes(), filename=str(path))
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree, annotate_fields=False, include_attributes=False)
+
+
+@functools.lru_cache(maxsize=1)
+def preprocess_fingerprint() -> str:
+    """16 hex digits over the preprocessing code and the versions of the libraries it runs on.
+
+    Why: the spec hash says WHAT preparation was asked for; this says which implementation
+    answered. A cache entry made by other code (a fixed registration, another SimpleITK) is
+    rebuilt instead of being trained on, so training's arrays stay the ones the node's
+    ``apply_spec`` would make today. The cost: changing the code of ``models/preprocess.py`` (or
+    of a ``models`` module it imports) re-prepares the cache; docstrings, comments and formatting
+    do not count.
+    """
+    import models.preprocess as mp
+
+    h = hashlib.sha256()
+    root = Path(mp.__file__).resolve()
+    for f in _module_files(root):
+        h.update(f.relative_to(root.parent).as_posix().encode() + b"\0")
+        h.update(hashlib.sha256(_code_only(f).encode()).digest())
+    for pkg in _FINGERPRINT_PACKAGES:
+        try:
+            version = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            version = "-"
+        h.update(f"{pkg}={version}\0".encode())
+    h.update(f"python={sys.version_info[0]}.{sys.version_info[1]}".encode())
+    return h.hexdigest()[:16]
+
+
+# Now, right after models.preprocess was imported: the fingerprint describes the code this
+# process runs, not a file edited on disk since.
+preprocess_fingerprint()
 
 
 def _safe_name(case_id: str) -> str:
@@ -96,20 +191,32 @@ def _source_stamp(case: Case, roles: Sequence[str]) -> str:
 
 @dataclass(frozen=True)
 class CachedCase:
-    """One case's preprocessed arrays: ``arrays[role]`` float32; slice specs add mask and indices."""
+    """One case's preprocessed arrays: ``arrays[role]`` float32; slice specs add mask and indices.
+
+    ``meta`` is the prepared case's ``meta`` as :func:`models.preprocess.apply_spec` wrote it
+    (JSON data: steps, original geometry, and with the clinical transforms ``measurements``).
+    """
 
     case_id: str
     arrays: dict[str, np.ndarray]
     slice_mask: np.ndarray | None = None
     slice_indices: np.ndarray | None = None
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def measurements(self) -> dict[str, float]:
+        """``meta["measurements"]`` ({name: value}, the gate's inputs); empty for specs that make none."""
+        return dict(self.meta.get("measurements") or {})
 
 
 class VolumeCache:
-    """Preprocessed arrays per (case, spec) on disk: ``cache_dir/<spec hash>/<case>.npz``.
+    """Prepared cases per (case, spec) on disk: ``cache_dir/<spec hash>/<case>.npz``.
 
     ``get(case)`` returns the cached arrays, computing and storing them the first time (or when
-    the source files changed). Writes are atomic (temporary file + rename), so parallel loader
-    workers or two runs sharing one cache never read half a file.
+    the source files or the preprocessing code changed). Writes are atomic (temporary file +
+    rename), so parallel preparation workers, loader workers or two runs sharing one cache never
+    read half a file. A failure is recorded under ``failed/`` and raised again (without preparing
+    again) while the sources and code are unchanged.
     """
 
     def __init__(self, spec: Mapping[str, Any], cache_dir: str | os.PathLike[str]) -> None:
@@ -126,61 +233,156 @@ class VolumeCache:
         self.hits = 0
         self.misses = 0
 
+    # ------------------------------------------------------------------ where and what
     def path(self, case: Case) -> Path:
         return self.dir / f"{_safe_name(case.case_id)}.npz"
 
-    def _prepare(self, case: Case) -> CachedCase:
+    def failure_path(self, case: Case) -> Path:
+        return self.dir / "failed" / f"{_safe_name(case.case_id)}.json"
+
+    def stamp(self, case: Case) -> dict[str, str]:
+        """What a valid entry of ``case`` must record: case id, source files, spec key, code."""
+        return {"case_id": case.case_id, "sources": _source_stamp(case, self.roles), "spec": self.key,
+                "code": preprocess_fingerprint()}
+
+    # ------------------------------------------------------------------ prepare
+    def prepare(self, case: Case, memo: MutableMapping[str, Any] | None = None) -> PreprocessedCase:
+        """``apply_spec`` on the case's files (nothing read from or written to the cache).
+
+        ``memo``: ``apply_spec``'s memo of the clinical transforms' intermediate results (bias
+        fields, masks, registrations); one dict shared by several specs of ONE case pays for them
+        once (``training.prepare`` does that). The arrays are the same with or without it.
+        """
         missing = [r for r in self.roles if r not in case.images]
         if missing:
             raise DatasetError(f"has no {missing} but the model's spec needs {list(self.roles)}",
                                case_id=case.case_id)
         try:
-            pre = apply_spec(self.spec, {r: case.images[r] for r in self.roles})
+            volumes = {r: case.images[r] for r in self.roles}
+            return apply_spec(self.spec, volumes) if memo is None else apply_spec(self.spec, volumes, cache=memo)
         except (PreprocessError, SpecError) as exc:
             raise DatasetError(f"cannot be preprocessed: {exc}", case_id=case.case_id) from exc
-        except (OSError, ValueError) as exc:  # unreadable / truncated NIfTI
+        except (OSError, ValueError, EOFError, zlib.error, ImageFileError) as exc:  # unreadable / truncated NIfTI
             raise DatasetError(f"cannot be read for preprocessing: {type(exc).__name__}: {exc}",
                                path=next(iter(case.images.values()), None), case_id=case.case_id) from exc
-        return CachedCase(case.case_id, dict(pre.arrays), pre.slice_mask, pre.slice_indices)
 
-    def _store(self, case: Case, item: CachedCase) -> None:
-        payload: dict[str, np.ndarray] = {f"role_{r}": a for r, a in item.arrays.items()}
-        if item.slice_mask is not None:
-            payload["slice_mask"] = item.slice_mask
-        if item.slice_indices is not None:
-            payload["slice_indices"] = item.slice_indices
-        payload["stamp"] = np.array(_source_stamp(case, self.roles))
-        payload["case_id"] = np.array(case.case_id)
-        target = self.path(case)
-        tmp = target.with_name(f".{target.stem}.{os.getpid()}.tmp.npz")
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **payload)
-        os.replace(tmp, target)
+    def store(self, case: Case, pre: PreprocessedCase) -> None:
+        """Write ``pre`` as the entry of ``case`` (a ``models.casefile`` case file + provenance)."""
+        meta = dict(pre.meta)
+        meta[_STAMP_KEY] = self.stamp(case)
+        save_case(PreprocessedCase(arrays=pre.arrays, affine=pre.affine, meta=meta, mask=pre.mask,
+                                   template_mask=getattr(pre, "template_mask", None),
+                                   slice_mask=pre.slice_mask, slice_indices=pre.slice_indices), self.path(case))
+        self.failure_path(case).unlink(missing_ok=True)
 
-    def _load(self, case: Case) -> CachedCase | None:
+    # ------------------------------------------------------------------ read
+    def _header_meta(self, case: Case) -> dict[str, Any] | None:
+        """The entry's meta when it is valid for ``case`` now (reads the JSON header only), else None."""
         p = self.path(case)
         if not p.exists():
             return None
         try:
             with np.load(p, allow_pickle=False) as z:
-                if str(z["stamp"]) != _source_stamp(case, self.roles) or str(z["case_id"]) != case.case_id:
-                    return None
-                arrays = {r: z[f"role_{r}"] for r in self.roles}
-                sm = z["slice_mask"] if "slice_mask" in z.files else None
-                si = z["slice_indices"] if "slice_indices" in z.files else None
-        except (OSError, KeyError, ValueError):
-            return None  # a damaged cache file is rebuilt, never trusted
-        return CachedCase(case.case_id, arrays, sm, si)
+                header = json.loads(bytes(z["header.json"]).decode())
+        except (OSError, KeyError, ValueError, EOFError):
+            return None  # a damaged entry is rebuilt, never trusted
+        meta = header.get("meta") if isinstance(header, dict) else None
+        if not isinstance(meta, dict) or meta.get(_STAMP_KEY) != self.stamp(case):
+            return None
+        return meta
+
+    def valid(self, case: Case) -> bool:
+        """True when a usable entry exists (its sources, spec and code unchanged); cheap: header only."""
+        return self._header_meta(case) is not None
+
+    def meta(self, case: Case) -> dict[str, Any]:
+        """The prepared case's ``meta`` (preparing the case first if needed), without reading the arrays."""
+        meta = self._header_meta(case)
+        if meta is None:
+            return dict(self.get(case).meta)
+        meta = dict(meta)
+        meta.pop(_STAMP_KEY, None)
+        return meta
+
+    def load(self, case: Case) -> PreprocessedCase | None:
+        """The whole prepared case (arrays, masks, affine, meta) from a valid entry, else None."""
+        p = self.path(case)
+        if not p.exists():
+            return None
+        try:
+            pre = load_case(p)
+        except (OSError, KeyError, ValueError, EOFError):
+            return None
+        if not isinstance(pre.meta, dict) or pre.meta.get(_STAMP_KEY) != self.stamp(case):
+            return None
+        pre.meta = {k: v for k, v in pre.meta.items() if k != _STAMP_KEY}
+        return pre
+
+    def recorded_failure(self, case: Case) -> str | None:
+        """The reason recorded when ``case`` last failed with these sources and code, else None."""
+        p = self.failure_path(case)
+        if not p.exists():
+            return None
+        try:
+            rec = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(rec, dict) or rec.get("stamp") != self.stamp(case):
+            return None
+        return str(rec.get("reason") or "failed")
+
+    def record_failure(self, case: Case, reason: str) -> None:
+        """Keep why ``case`` cannot be prepared (atomic write), so it is excluded, not retried blindly."""
+        p = self.failure_path(case)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"case_id": case.case_id, "reason": reason, "stamp": self.stamp(case)}, indent=1))
+        os.replace(tmp, p)
+
+    def clear_failure(self, case: Case) -> None:
+        self.failure_path(case).unlink(missing_ok=True)
+
+    @staticmethod
+    def _cached(case: Case, pre: PreprocessedCase) -> CachedCase:
+        return CachedCase(case.case_id, dict(pre.arrays), pre.slice_mask, pre.slice_indices, dict(pre.meta))
 
     def get(self, case: Case) -> CachedCase:
-        item = self._load(case)
-        if item is not None:
+        """The prepared case: from a valid entry, else prepared now and stored.
+
+        Raises :class:`DatasetError` when the case cannot be prepared (recorded, so the next
+        call raises the same reason at once).
+        """
+        pre = self.load(case)
+        if pre is not None:
             self.hits += 1
-            return item
+            return self._cached(case, pre)
+        reason = self.recorded_failure(case)
+        if reason is not None:
+            raise DatasetError(f"{reason} (recorded in {self.failure_path(case)}; fix the data, or rerun "
+                               f"`python -m training prepare --retry-failed` after a transient failure)",
+                               case_id=case.case_id)
         self.misses += 1
-        item = self._prepare(case)
-        self._store(case, item)
-        return item
+        try:
+            pre = self.prepare(case)
+        except DatasetError as exc:
+            self.record_failure(case, exc.problem)
+            raise
+        self.store(case, pre)
+        return self._cached(case, pre)
+
+    def warm(self, cases: Iterable[Case], *, progress: bool = False) -> None:
+        """Prepare every case now (once), so training epochs only read arrays (first failure raises;
+        ``training.prepare.prepare_cases`` prepares in parallel and excludes failures instead)."""
+        from tqdm import tqdm
+
+        cases = list(cases)
+        for c in tqdm(cases, desc=f"preprocess ({self.key})", disable=not progress, leave=False):
+            if self.valid(c):
+                self.hits += 1
+            else:
+                self.get(c)
+
+
 
     def warm(self, cases: Iterable[Case], *, progress: bool = False) -> None:
         """Prepare every case now (once), so training epochs only read arrays."""

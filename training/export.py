@@ -6,7 +6,8 @@ from training.export import export_model, copy_checkpoints, read_index
 sha = export_model(run / "checkpoints" / "fs3dcnn-r0.pt", model, "fs3dcnn", hparams, spec,
                    train_cases=train, val_cases=val, split=split.to_dict(), config=cfg,
                    metrics={"val": {...}, "test": {...}}, calibration=fit, row="fs", repeat=0,
-                   index=run / "checkpoints.json", val_score=0.93)
+                   index=run / "checkpoints.json", val_score=0.93,
+                   gate=gate_stats(model, "fs3dcnn", train, val, cache, device="cuda"))
 copy_checkpoints(run, "/var/lib/node/checkpoints")          # per row, the repeat with the best VALIDATION score
 ```
 
@@ -17,6 +18,12 @@ validates before it writes (a file the node would refuse is never written), and 
 is listed in the run's ``checkpoints.json`` index, which :func:`copy_checkpoints` reads.
 The node's registry takes the newest checkpoint per family, so copying one per row is the
 site's decision (``rows=``), not something to leave to file times.
+
+The gate (``models.gate``): :func:`gate_stats` measures what the node's gate compares a study
+with, on the same preprocessed arrays training used (the protocol's ``VolumeCache``): the range of
+every measurement over the TRAINING cases, and the statistics of the network's penultimate
+features (fitted on the training cases, threshold from the VALIDATION cases the protocol already
+selects on; never the test part). ``export_model(..., gate=...)`` stores them as ``extra["gate"]``.
 """
 from __future__ import annotations
 
@@ -27,13 +34,23 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from torch import nn
 
+from models.base import ModelFamily
 from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from models.families import get_family
+from models.gate import FeatureStats, case_measurements, ranges_from
 from training.calibration import TemperatureFit
 from training.cases import Case, describe
+from training.data import VolumeCache
 
-__all__ = ["ExportError", "copy_checkpoints", "export_model", "read_index"]
+__all__ = ["ExportError", "copy_checkpoints", "export_model", "gate_record", "gate_stats", "read_index"]
+
+#: feature statistics of the gate: threshold percentile (of validation distances) and PCA components
+GATE_PERCENTILE = 99.0
+GATE_COMPONENTS = 16
 
 INDEX_NAME = "checkpoints.json"
 
@@ -56,6 +73,78 @@ def _write_index(path: Path, entries: Sequence[Mapping[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
+def gate_record(
+    train_measurements: Sequence[Mapping[str, float]],
+    train_features: np.ndarray | None = None,
+    val_features: np.ndarray | None = None,
+    *,
+    percentile: float = GATE_PERCENTILE,
+    components: int = GATE_COMPONENTS,
+) -> dict[str, Any]:
+    """``extra["gate"]`` from the training cases' measurements and the training/validation features.
+
+    ``features`` is left out (with a ``features_note`` saying why) when there are fewer than two
+    training cases or no validation case: a threshold chosen on the fitting cases themselves would
+    decline most new cases, and one chosen on test cases would leak the test part.
+    """
+    out: dict[str, Any] = {"ranges": ranges_from(train_measurements), "n_cases": len(train_measurements)}
+    if train_features is None or val_features is None:
+        out["features_note"] = "no feature statistics: no features were given"
+    elif len(train_features) < 2 or len(val_features) < 1:
+        out["features_note"] = (f"no feature statistics: {len(train_features)} training and "
+                                f"{len(val_features)} validation cases (at least 2 and 1 needed)")
+    else:
+        out["features"] = FeatureStats.fit(np.asarray(train_features), np.asarray(val_features),
+                                           percentile=percentile, components=components).to_dict()
+    return out
+
+
+def _features_and_measurements(model: nn.Module, family: ModelFamily, cases: Sequence[Case], cache: VolumeCache,
+                               device: str | torch.device, batch_size: int
+                               ) -> tuple[np.ndarray, list[dict[str, float]]]:
+    """(N, F) features (``family.features``) and the measurements of ``cases``, read once from ``cache``."""
+    assert family.features is not None
+    roles = list(family.input_roles)
+    feats: list[np.ndarray] = []
+    measured: list[dict[str, float]] = []
+    for start in range(0, len(cases), batch_size):
+        items = [cache.get(c) for c in cases[start:start + batch_size]]
+        inputs = {r: torch.from_numpy(np.stack([it.arrays[r] for it in items]).astype(np.float32, copy=False))
+                  for r in roles}
+        if items[0].slice_mask is not None:
+            inputs["slice_mask"] = torch.from_numpy(np.stack([np.asarray(it.slice_mask, dtype=bool) for it in items]))
+        feats.append(family.features(model, inputs, device).numpy())
+        measured.extend(case_measurements(it.meta) for it in items)
+    dim = feats[0].shape[1] if feats else 0
+    return (np.concatenate(feats) if feats else np.zeros((0, dim))), measured
+
+
+def gate_stats(
+    model: nn.Module,
+    family: ModelFamily | str,
+    train_cases: Sequence[Case],
+    val_cases: Sequence[Case],
+    cache: VolumeCache,
+    *,
+    device: str | torch.device = "cpu",
+    batch_size: int = 4,
+    percentile: float = GATE_PERCENTILE,
+    components: int = GATE_COMPONENTS,
+) -> dict[str, Any]:
+    """What the node's gate needs of a trained model (``extra["gate"]``, see :func:`gate_record`).
+
+    ``cache`` must be the one the model was trained and evaluated with (its spec is the
+    checkpoint's): the measurements and arrays come from it, so no case is preprocessed again.
+    One forward pass (eval mode, float32) over the training and validation cases.
+    """
+    fam = get_family(family) if isinstance(family, str) else family
+    if fam.features is None:
+        return gate_record([case_measurements(cache.meta(c)) for c in train_cases])
+    f_train, m_train = _features_and_measurements(model, fam, train_cases, cache, device, batch_size)
+    f_val, _ = _features_and_measurements(model, fam, val_cases, cache, device, batch_size)
+    return gate_record(m_train, f_train, f_val, percentile=percentile, components=components)
+
+
 def export_model(
     path: str | os.PathLike[str],
     model: nn.Module,
@@ -76,6 +165,7 @@ def export_model(
     val_score: float | None = None,
     extra: Mapping[str, Any] | None = None,
     description: str | None = None,
+    gate: Mapping[str, Any] | None = None,
 ) -> str:
     """Write one checkpoint (``models.checkpoint.save_checkpoint``), load it back to prove the node
     can, and list it in ``index``. Returns the SHA-256 content hash.
@@ -84,6 +174,8 @@ def export_model(
     so the exact training set can be rebuilt); the temperature is the validation fit's (None when
     no calibration was fitted). ``description`` (e.g. "synthetic demo cohort ..., NOT for clinical
     use") is stored as ``training_data["description"]``, the first thing a site reads about the data.
+    ``gate`` (:func:`gate_stats`) is stored as ``extra["gate"]``; without it the node's gate
+    declines the checkpoint unless the site allows unchecked models.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -103,6 +195,8 @@ def export_model(
     if calibration is not None:
         all_metrics["calibration"] = calibration.to_dict()
     ext = {"config": dict(config or {}), **dict(extra or {})}
+    if gate is not None:
+        ext["gate"] = dict(gate)
     temperature = None if calibration is None else float(calibration.temperature)
     sha = save_checkpoint(target, model, family_name, hparams, spec, training_data=training_data,
                           metrics=all_metrics, temperature=temperature, extra=ext)

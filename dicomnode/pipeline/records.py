@@ -54,6 +54,10 @@ def summarise(result: VersionResult) -> dict[str, Any]:
             for m in result.results
         ],
         "quality_flags": result.quality_flags,
+        # models the gate did not let grade: the reasons only, never a label or probability
+        "declined": [{"family": d.family, "checkpoint": d.checkpoint_sha256[:12], "stage": d.stage,
+                      "reasons": [r.reason for r in d.reasons]} for d in result.declined],
+        "gate_loosened": result.gate_loosened,
     }
 
 

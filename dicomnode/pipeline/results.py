@@ -56,6 +56,38 @@ class KeySlice:
     role: str
     attention: float
     ref: SourceRef
+    grid_index: int | None = None  # the slice on the prepared case's grid (along its slice axis): the summary shows it
+
+
+# Names a reader knows the families by (the report and "cannot grade" sentences); the family's
+# code name is used for any family not listed.
+FAMILY_TITLES: dict[str, str] = {
+    "fs3dcnn": "Full-sequence 3D CNN",
+    "promptnet": "Adaptive PromptNet (contrast-free)",
+    "crossmodal": "Cross-modality guidance network",
+    "mmdlm": "MMDLM (multi-task slice model)",
+}
+
+
+def family_title(family: str) -> str:
+    return FAMILY_TITLES.get(family, family)
+
+
+@dataclass
+class GateReason:
+    """One reason the gate gave for declining a model (a ``models.gate.GateFinding``, as plain data).
+
+    ``low``/``high`` are the range the value was compared with (the checkpoint's
+    training range, widened by the node's margin; None on an open side);
+    ``reason`` is the sentence the report prints.
+    """
+
+    name: str  # a measurement name (models.measures), "feature_distance", or a quality check ("skull_stripped", ...)
+    value: float | None
+    unit: str  # UCUM: "ml", "mm", "1"
+    low: float | None
+    high: float | None
+    reason: str
 
 
 @dataclass
@@ -74,6 +106,30 @@ class ModelResult:
     device: str = "cpu"
     seconds: float = 0.0
     quality_flags: list[str] = field(default_factory=list)
+    measurements: dict[str, float] = field(default_factory=dict)  # the prepared case's (models.measures names)
+    prepared_case: str | None = None  # absolute path of the prepared case (.npz) the model saw: the summary shows it
+    feature_distance: float | None = None  # the gate's feature-space distance, when the checkpoint records its stats
+    feature_threshold: float | None = None  # the threshold it was compared with (after gate_feature_factor)
+
+
+@dataclass
+class Declined:
+    """A model the gate did not let grade: the input is unlike its training data. It has NO grade, anywhere."""
+
+    family: str
+    paper: str
+    checkpoint_name: str
+    checkpoint_sha256: str
+    input_roles: list[str]
+    reasons: list[GateReason]
+    stage: str = "measurements"  # "measurements" (preprocess step) | "features" (infer step, before predicting)
+    measurements: dict[str, float] = field(default_factory=dict)
+    prepared_case: str | None = None
+    quality_flags: list[str] = field(default_factory=list)
+
+    def sentence(self) -> str:
+        """``"Full-sequence 3D CNN: slice thickness (T2) 5.5 mm; this model was trained on 1.0–1.0 mm"``."""
+        return f"{family_title(self.family)}: " + "; ".join(r.reason.rstrip(".") for r in self.reasons) + "."
 
 
 @dataclass
@@ -108,6 +164,8 @@ class VersionResult:
     quality_flags: list[str] = field(default_factory=list)
     supersedes: Superseded | None = None
     timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
+    declined: list[Declined] = field(default_factory=list)  # models the gate did not let grade, with the reasons
+    gate_loosened: str | None = None  # one sentence when the node's gate settings are looser than the defaults
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)
@@ -119,10 +177,14 @@ class VersionResult:
         d["decisions"] = [Decision(**x) for x in d["decisions"]]
         d["results"] = [
             ModelResult(**{**m, "tasks": [TaskResult(**t) for t in m["tasks"]],
-                           "key_slices": [KeySlice(k["role"], k["attention"], SourceRef(**k["ref"]))
-                                          for k in m["key_slices"]]})
+                           "key_slices": [KeySlice(k["role"], k["attention"], SourceRef(**k["ref"]),
+                                                   k.get("grid_index"))
+                                          for k in m.get("key_slices", [])]})
             for m in d["results"]
         ]
+        # files written before the gate existed have no "declined" / "gate_loosened": the defaults apply
+        d["declined"] = [Declined(**{**x, "reasons": [GateReason(**r) for r in x.get("reasons", [])]})
+                         for x in d.get("declined", [])]
         d["supersedes"] = Superseded(**d["supersedes"]) if d.get("supersedes") else None
         return cls(**d)
 

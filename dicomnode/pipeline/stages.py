@@ -24,7 +24,7 @@ from ..config import Settings
 from ..index import Index, VersionInfo
 from .jobs import STAGES, Jobs, holder_id
 from .records import Reports
-from .results import Decision, InputSeries, ModelResult, SourceRef, VersionResult
+from .results import Decision, Declined, GateReason, InputSeries, ModelResult, SourceRef, VersionResult
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,20 @@ def checkpoint_listing(settings: Settings) -> tuple[tuple[str, int, int], ...]:
     if not root.is_dir():
         return ()
     return tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in root.iterdir() if p.is_file()))
+
+
+def gate_settings(settings: Settings) -> Any:
+    """The node's gate settings as :class:`models.gate.GateSettings` (validated there too)."""
+    from models.gate import GateSettings
+
+    return GateSettings(margin=settings.gate_margin, feature_factor=settings.gate_feature_factor,
+                        unchecked=settings.gate_unchecked)
+
+
+def _reasons(findings: Any) -> list[dict[str, Any]]:
+    """Gate findings as plain data for plan.json (the fields of :class:`GateReason`)."""
+    return [{"name": f.name, "value": f.value, "unit": f.unit, "low": f.low, "high": f.high, "reason": f.reason}
+            for f in findings]
 
 
 def open_registry(settings: Settings) -> Any:
@@ -169,28 +183,47 @@ def _converted(rt: Runtime, info: VersionInfo) -> dict[str, Any]:
 
 
 def step_preprocess(rt: Runtime, info: VersionInfo) -> dict[str, Any]:
+    """Prepare the case for each selected checkpoint (its own spec) and check its measurements (the gate).
+
+    A model whose case falls outside its checkpoint's training ranges (or
+    fails a quality check that says the input is unlike its training data) is
+    marked declined in ``plan.json`` with the findings; the case is still
+    saved, so the summary image can show what the model would have seen.
+    """
     import json
 
-    from ..process.prepare import prepare, save_case
+    from models.clinical import DirCache
+    from models.gate import case_measurements
+
+    from ..process.prepare import gate_case, prepare, save_case
 
     converted = _converted(rt, info)
     available = [r for r in ROLES if r in converted and converted[r].nifti is not None]
+    gs = gate_settings(rt.settings)
     plan: dict[str, Any] = {"available": available,
                             "decisions": [{"family": d.family, "runs": d.runs, "reason": d.reason}
                                           for d in rt.registry.explain(available)],
-                            "runs": []}
+                            "runs": [], "gate_loosened": gs.describe() or None}
     prep_dir = rt.work_dir(info) / "prep"
     prep_dir.mkdir(exist_ok=True)
     for sel in rt.registry.select(available):
         ck = sel.checkpoint
         entry: dict[str, Any] = {"family": sel.family.name, "sha256": ck.sha256, "reason": sel.reason,
-                                 "case": None, "error": None, "flags": []}
+                                 "case": None, "error": None, "flags": [], "measurements": {}, "gate": []}
         try:
-            case = prepare(ck.spec, {r: Path(converted[r].nifti) for r in ck.input_roles})
+            # one memo per study version: several checkpoints' specs (and a redelivered step) pay for
+            # bias fields, registrations and the brain mask once
+            case = prepare(ck.spec, {r: Path(converted[r].nifti) for r in ck.input_roles},
+                           cache=DirCache(rt.work_dir(info) / "prep-memo"))
             path = prep_dir / f"{ck.sha256[:16]}.npz"
             save_case(case, path)
             entry["case"] = str(path)
             entry["flags"] = list(case.meta.get("quality_flags", []))
+            entry["measurements"] = case_measurements(case.meta)
+            entry["gate"] = _reasons(gate_case((ck.extra or {}).get("gate"), ck.spec, case, gs))
+            if entry["gate"]:
+                log.info("study %d version %d: %s declined by the gate (%d finding(s))", info.study_id,
+                         info.version, sel.family.name, len(entry["gate"]))
         except Exception as exc:
             entry["error"] = f"{type(exc).__name__}: {exc}"
             log.warning("study %d version %d: preprocessing for %s failed: %s", info.study_id, info.version,
@@ -199,7 +232,8 @@ def step_preprocess(rt: Runtime, info: VersionInfo) -> dict[str, Any]:
     tmp = rt.work_dir(info) / "plan.json.tmp"
     tmp.write_text(json.dumps(plan, indent=1))
     tmp.replace(rt.work_dir(info) / "plan.json")
-    return {"available": available, "models": [r["family"] for r in plan["runs"] if r["case"]],
+    return {"available": available, "models": [r["family"] for r in plan["runs"] if r["case"] and not r["gate"]],
+            "declined": {r["family"]: [g["reason"] for g in r["gate"]] for r in plan["runs"] if r["gate"]},
             "errors": {r["family"]: r["error"] for r in plan["runs"] if r["error"]}}
 
 
@@ -220,20 +254,29 @@ def _input_series(rt: Runtime, info: VersionInfo, converted: dict[str, Any]) -> 
 
 
 def step_infer(rt: Runtime, info: VersionInfo) -> dict[str, Any]:
+    """Run each model the gate let through; the feature distance is checked before a prediction is trusted.
+
+    A declined model (measurements at preprocess, features here) produces a
+    :class:`Declined` record and no grade. When no model grades, the
+    cannot-grade sentence names every declined model with its findings.
+    """
     import json
 
     from models.families import resolve_family
     from models.registry import Selection
 
-    from ..process.infer import run_model
+    from ..process.infer import check_case_features, run_model
     from ..process.prepare import load_case
 
     wd = rt.work_dir(info)
     plan = json.loads((wd / "plan.json").read_text())
     converted = _converted(rt, info)
     by_sha = {c.sha256: c for c in rt.registry.checkpoints}
+    gs = gate_settings(rt.settings)
     results: list[ModelResult] = []
+    declined: list[Declined] = []
     flags: list[str] = []
+    gated = False  # did any model reach the gate (the SR then says whether it was loosened)
     for run in plan["runs"]:
         if run["error"] or not run["case"]:
             flags.append(f"{run['family']} did not run: preprocessing failed ({run['error']})")
@@ -242,27 +285,55 @@ def step_infer(rt: Runtime, info: VersionInfo) -> dict[str, Any]:
         if info_ck is None:
             flags.append(f"{run['family']} did not run: its checkpoint {run['sha256'][:12]} is no longer registered")
             continue
-        sel = Selection(info_ck, resolve_family(info_ck.family), run["reason"])
+        family = resolve_family(info_ck.family)
+        gated = True
+
+        def decline(reasons: list[dict[str, Any]], stage: str, case_flags: list[str]) -> Declined:
+            return Declined(family=family.name, paper=family.paper, checkpoint_name=info_ck.path.name,
+                            checkpoint_sha256=info_ck.sha256, input_roles=list(info_ck.input_roles),
+                            reasons=[GateReason(**r) for r in reasons], stage=stage,
+                            measurements=dict(run.get("measurements") or {}), prepared_case=run["case"],
+                            quality_flags=list(case_flags))
+
+        if run.get("gate"):
+            declined.append(decline(run["gate"], "measurements", run.get("flags", [])))
+            continue
+        sel = Selection(info_ck, family, run["reason"])
         try:
-            results.append(run_model(sel, load_case(Path(run["case"])), converted, rt.cache, device=rt.settings.device))
+            case = load_case(Path(run["case"]))
+            check = check_case_features(sel, case, rt.cache, gs, device=rt.settings.device)
+            if check.finding is not None:
+                log.info("study %d version %d: %s declined by the gate (features)", info.study_id, info.version,
+                         family.name)
+                declined.append(decline(_reasons([check.finding]), "features", case.meta.get("quality_flags", [])))
+                continue
+            result = run_model(sel, case, converted, rt.cache, device=rt.settings.device)
         except Exception as exc:
             log.warning("study %d version %d: %s failed: %s", info.study_id, info.version, run["family"], exc)
             flags.append(f"{run['family']} did not run: inference failed ({type(exc).__name__}: {exc})")
+            continue
+        result.prepared_case = run["case"]
+        result.feature_distance, result.feature_threshold = check.distance, check.threshold
+        results.append(result)
     available = list(plan["available"])
     missing = [r for r in ROLES if r not in available]
     conversion_errors = [f"{role} could not be converted: {c.error}" for role, c in converted.items() if c.error]
     cannot = None
     if not results:
-        reasons = [d["reason"] for d in plan["decisions"]] + conversion_errors + flags
+        reasons = [d.sentence() for d in declined]
+        reasons += [d["reason"] for d in plan["decisions"] if not d["runs"]] + conversion_errors + flags
         cannot = ("No model could grade this study. " + " ".join(reasons)).strip()
+    loosened = (gs.describe() or plan.get("gate_loosened")) if gated else None
     result = VersionResult(
         study_instance_uid=info.study_instance_uid, study_id=info.study_id, version=info.version,
         inputs=_input_series(rt, info, converted), available_roles=available, missing_roles=missing,
         decisions=[Decision(**d) for d in plan["decisions"]], results=results, cannot_grade=cannot,
         quality_flags=conversion_errors + flags + sorted({f for r in plan["runs"] for f in r.get("flags", [])}),
+        declined=declined, gate_loosened=loosened or None,
         )
     result.save(wd / "result.json")
     return {"models": [r.family for r in results], "cannot_grade": cannot,
+            "declined": {d.family: [r.reason for r in d.reasons] for d in declined},
             "findings": {r.family: {t.task: [t.label, round(t.probability, 4)] for t in r.tasks} for r in results}}
 
 

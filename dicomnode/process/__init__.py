@@ -18,9 +18,9 @@ _EXPORTS: dict[str, str] = {
     "ConvertedSeries": "convert", "SourceImage": "convert", "convert_series": "convert",
     "convert_version": "convert",
     "QualityThresholds": "prepare", "PrepareError": "prepare", "prepare": "prepare", "save_case": "prepare",
-    "load_case": "prepare", "quality_flags": "prepare",
+    "load_case": "prepare", "quality_flags": "prepare", "gate_case": "prepare", "quality_findings": "prepare",
     "ModelCache": "infer", "resolve_device": "infer", "run_model": "infer", "calibrate": "infer",
-    "temperatures_of": "infer",
+    "temperatures_of": "infer", "check_case_features": "infer", "FeatureCheck": "infer",
 }
 
 __all__ = sorted(_EXPORTS)

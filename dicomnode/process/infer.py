@@ -46,6 +46,7 @@ from dicomnode.pipeline.results import KeySlice, ModelResult, TaskResult
 from dicomnode.process.convert import ConvertedSeries
 from models.base import TASKS
 from models.checkpoint import CheckpointError, LoadedCheckpoint
+from models.gate import FeatureStats, GateSettings, case_measurements, check_features
 from models.preprocess import PreprocessedCase, to_batch, validate_spec
 from models.registry import CheckpointInfo, Selection
 
@@ -204,7 +205,7 @@ def _key_slices(case: PreprocessedCase, explanations: Mapping[str, torch.Tensor]
                 continue
             ref, distance = series.nearest(_slice_world_centre(case, axis, grid_index))
             far += distance > OUTSIDE_SERIES_MM
-            out.append(KeySlice(role=role, attention=float(attention[0, pos]), ref=ref))
+            out.append(KeySlice(role=role, attention=float(attention[0, pos]), ref=ref, grid_index=grid_index))
         if far:
             flags.append(f"{far} key slice(s) of {role} lie more than {OUTSIDE_SERIES_MM:g} mm from every "
                          f"source image of the series")
@@ -278,9 +279,60 @@ def run_model(selection: Selection, case: PreprocessedCase, converted: Mapping[s
         tasks=tasks, key_slices=keys, training_data=dict(ckpt.training_data), metrics=dict(ckpt.metrics),
         device=str(dev), seconds=round(time.perf_counter() - t0, 4),
         quality_flags=[*case.meta.get("quality_flags", []), *key_flags],
+        measurements=case_measurements(case.meta),
     )
     log.info("%s (%s...) ran on %s in %.2f s", family.name, ckpt.sha256[:12], dev, result.seconds)
     return result
 
 
-__all__ = ["ModelCache", "OUTSIDE_SERIES_MM", "calibrate", "resolve_device", "run_model", "temperatures_of"]
+# --------------------------------------------------------------------------- the gate (features)
+
+
+@dataclass(frozen=True)
+class FeatureCheck:
+    """The feature-space part of the gate for one case and checkpoint."""
+
+    distance: float | None  # None: the checkpoint records no feature statistics, or the family has no features()
+    threshold: float | None  # the checkpoint's threshold times gate_feature_factor
+    finding: Any  # models.gate.GateFinding | None: None means the case passes
+
+
+def check_case_features(selection: Selection, case: PreprocessedCase, cache: ModelCache, settings: GateSettings, *,
+                        device: str | torch.device = "auto") -> FeatureCheck:
+    """Before trusting a prediction: how far the case's penultimate features lie from the training features.
+
+    Uses the family's
+    ``features(model, batch, device)`` (fp32, no autocast: the statistics were
+    taken in fp32) and the checkpoint's ``extra["gate"]["features"]``. A
+    checkpoint without statistics, or a family without ``features``, gives
+    the gate's "unchecked" finding unless ``settings.unchecked == "allow"``.
+    Raises like :func:`run_model` for a refused checkpoint or a case prepared
+    with another spec.
+    """
+    dev = resolve_device(device)
+    ckpt = cache.get(selection.checkpoint, dev)
+    prepared_for = case.meta.get("spec")
+    if prepared_for is not None and prepared_for != validate_spec(ckpt.spec):
+        raise ValueError(f"the case was prepared with another spec than {selection.checkpoint.path.name}'s")
+    gate = (ckpt.extra or {}).get("gate")
+    stats_data = (gate or {}).get("features")
+    distance: float | None = None
+    threshold: float | None = None
+    if stats_data:
+        stats = FeatureStats.from_dict(stats_data)
+        threshold = float(stats.threshold) * float(settings.feature_factor)
+        features = getattr(ckpt.family, "features", None)
+        if features is not None:
+            batch = to_batch([case], ckpt.input_roles)
+            with torch.no_grad():
+                f = features(ckpt.model, batch, device=dev)
+            distance = float(stats.distance(f.detach().float().cpu().numpy().reshape(1, -1))[0])
+    finding = check_features(gate, distance, settings)
+    if distance is not None:
+        log.info("%s (%s...): feature distance %.2f, threshold %.2f", ckpt.family.name, ckpt.sha256[:12],
+                 distance, threshold)
+    return FeatureCheck(distance=distance, threshold=threshold, finding=finding)
+
+
+__all__ = ["FeatureCheck", "ModelCache", "OUTSIDE_SERIES_MM", "calibrate", "check_case_features", "resolve_device",
+           "run_model", "temperatures_of"]

@@ -27,10 +27,9 @@ Quality flags (strings, each one sentence, for the SR and ``status``):
 """
 from __future__ import annotations
 
-import json
 import os
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,9 +37,8 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from models.casefile import CASE_FORMAT, load_case, plain, save_case
 from models.preprocess import PreprocessedCase, PreprocessError, SpecError, apply_spec, validate_spec
-
-CASE_FORMAT = "dicomnode.case/1"
 
 
 class PrepareError(ValueError):
@@ -57,19 +55,6 @@ class QualityThresholds:
 
     max_mask_fraction: float = 0.6
     min_slices: int = 20
-
-
-def _plain(value: Any) -> Any:
-    """JSON types only (numpy scalars and arrays, tuples -> lists), so a saved case reads back equal."""
-
-    def default(o: Any) -> Any:
-        if isinstance(o, np.generic):
-            return o.item()
-        if isinstance(o, np.ndarray):
-            return o.tolist()
-        raise TypeError(f"not JSON data: {type(o).__name__}")
-
-    return json.loads(json.dumps(value, default=default, allow_nan=True))
 
 
 def _mask_threshold(spec: Mapping[str, Any]) -> float | None:
@@ -102,7 +87,7 @@ def quality_flags(spec: Mapping[str, Any], case: PreprocessedCase, measures: Map
     flags: list[str] = []
     fractions = {r: m["mask_fraction"] for r, m in measures.items() if "mask_fraction" in m}
     big = {r: f for r, f in fractions.items() if f > thresholds.max_mask_fraction}
-    if big:
+    if big and _nonzero_mask(spec):  # a clinical spec extracts the brain: a whole head is what it expects
         share = ", ".join(f"{r} {f:.0%}" for r, f in big.items())
         flags.append(f"input does not look skull-stripped; the brain mask is the whole head (nonzero share of the "
                      f"field of view: {share}; skull-stripped training data: under "
@@ -124,7 +109,8 @@ def quality_flags(spec: Mapping[str, Any], case: PreprocessedCase, measures: Map
 
 
 def prepare(spec: Mapping[str, Any], niftis: Mapping[str, Path], *,
-            thresholds: QualityThresholds = QualityThresholds()) -> PreprocessedCase:
+            thresholds: QualityThresholds = QualityThresholds(),
+            cache: MutableMapping[str, Any] | None = None) -> PreprocessedCase:
     """Apply ``spec`` to the converted volumes (role -> NIfTI path); raise :class:`PrepareError` with a reason.
 
     ``meta`` gains ``spec`` (validated: inference checks the case was prepared
@@ -140,7 +126,7 @@ def prepare(spec: Mapping[str, Any], niftis: Mapping[str, Path], *,
         raise PrepareError(f"missing {', '.join(missing)}: the model needs {'+'.join(clean['roles'])}")
     try:
         measures = _source_measures(clean, niftis)
-        case = apply_spec(clean, {r: Path(niftis[r]) for r in clean["roles"]})
+        case = apply_spec(clean, {r: Path(niftis[r]) for r in clean["roles"]}, cache=cache)
     except PreprocessError as exc:
         raise PrepareError(f"the volumes cannot be prepared as the model expects: {exc}") from exc
     except (OSError, nib.filebasedimages.ImageFileError, EOFError, zipfile.BadZipFile) as exc:
@@ -148,53 +134,78 @@ def prepare(spec: Mapping[str, Any], niftis: Mapping[str, Path], *,
     meta = dict(case.meta)
     meta["spec"] = clean
     meta["quality"] = measures
-    case.meta = _plain(meta)
+    case.meta = plain(meta)
     case.meta["quality_flags"] = quality_flags(clean, case, measures, thresholds)
     return case
 
 
-# --------------------------------------------------------------------------- on disk
+# --------------------------------------------------------------------------- the gate (measurements)
+
+# Transforms that make a spec "clinical": it finds the brain itself (brain extraction, atlas space),
+# so it can be handed a whole head. A spec without them finds the brain as "nonzero voxels".
+CLINICAL_TRANSFORMS: frozenset[str] = frozenset({"brain_extract", "atlas_register"})
 
 
-def save_case(case: PreprocessedCase, path: Path) -> None:
-    """Write a prepared case to one ``.npz`` (arrays + JSON meta inside), atomically.
+def is_clinical(spec: Mapping[str, Any]) -> bool:
+    """Whether ``spec`` prepares whole heads itself (brain extraction / atlas registration)."""
+    return any(t.get("name") in CLINICAL_TRANSFORMS for t in spec.get("transforms", []))
 
-    One file, so a reader never sees arrays from one write and meta from
-    another; uncompressed, because z-scored floats barely compress and the
-    next stage is waiting.
+
+def _nonzero_mask(spec: Mapping[str, Any]) -> bool:
+    return any(t.get("name") == "brain_mask" and t.get("method", "nonzero") == "nonzero"
+               for t in spec.get("transforms", []))
+
+
+def quality_findings(spec: Mapping[str, Any], case: PreprocessedCase, settings: Any,
+                     thresholds: QualityThresholds = QualityThresholds()) -> list[Any]:
+    """Quality checks that say the input is unlike the training data, as gate findings.
+
+    - **not skull-stripped** (a spec whose brain mask is "nonzero voxels"): the
+      model would read the whole head as brain. For a spec without clinical
+      transforms the training data were skull-stripped by definition, but the
+      checkpoint records nothing to compare with: an *unchecked* finding, which
+      only ``gate_unchecked = "allow"`` lets through. For a clinical spec that
+      still masks by nonzero voxels it always declines.
+    - **brain cut**: the brain extends beyond the model's fixed field of view.
+    ``settings`` is a :class:`models.gate.GateSettings`.
     """
-    path = Path(path)
-    arrays: dict[str, np.ndarray] = {f"array/{role}": np.asarray(a) for role, a in case.arrays.items()}
-    arrays["affine"] = np.asarray(case.affine, dtype=np.float64)
-    for name in ("mask", "slice_mask", "slice_indices"):
-        value = getattr(case, name)
-        if value is not None:
-            arrays[name] = np.asarray(value)
-    header = {"format": CASE_FORMAT, "roles": list(case.arrays), "meta": _plain(case.meta)}
-    arrays["header.json"] = np.frombuffer(json.dumps(header, allow_nan=True).encode(), dtype=np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    from models.gate import GateFinding
+
+    out: list[Any] = []
+    quality = case.meta.get("quality") or {}
+    fractions = {r: float(m["mask_fraction"]) for r, m in quality.items() if "mask_fraction" in m}
+    big = {r: f for r, f in fractions.items() if f > thresholds.max_mask_fraction}
+    if big and _nonzero_mask(spec) and (is_clinical(spec) or settings.unchecked != "allow"):
+        share = ", ".join(f"{r} {f:.0%}" for r, f in big.items())
+        out.append(GateFinding(
+            name="nonzero_share", value=max(big.values()), unit="1", low=None, high=thresholds.max_mask_fraction,
+            reason=f"input does not look skull-stripped (nonzero share of the field of view: {share}); this "
+                   f"model finds the brain as nonzero voxels and was trained on skull-stripped volumes "
+                   f"(under {thresholds.max_mask_fraction:.0%})"))
+    for step in case.meta.get("steps", []):
+        if step.get("name") == "crop_or_pad" and step.get("brain_truncated"):
+            out.append(GateFinding(name="brain_cut", value=None, unit="1", low=None, high=None,
+                                   reason="the brain extends beyond the model's field of view and would be cut"))
+            break
+    return out
 
 
-def load_case(path: Path) -> PreprocessedCase:
-    """Read a case written by :func:`save_case` (no pickles: ``allow_pickle=False``)."""
-    with np.load(Path(path), allow_pickle=False) as z:
-        header = json.loads(bytes(z["header.json"]).decode())
-        if header.get("format") != CASE_FORMAT:
-            raise ValueError(f"{Path(path).name}: not a prepared case ({header.get('format')!r})")
-        arrays = {role: z[f"array/{role}"] for role in header["roles"]}
-        get = {name: (z[name] if name in z.files else None) for name in ("mask", "slice_mask", "slice_indices")}
-        return PreprocessedCase(arrays=arrays, affine=z["affine"], meta=header["meta"], mask=get["mask"],
-                                slice_mask=get["slice_mask"], slice_indices=get["slice_indices"])
+def gate_case(gate: Mapping[str, Any] | None, spec: Mapping[str, Any], case: PreprocessedCase, settings: Any,
+              thresholds: QualityThresholds = QualityThresholds()) -> list[Any]:
+    """Every reason the gate gives, before inference, for a model not to grade this prepared case.
+
+    ``gate`` is the checkpoint's ``extra["gate"]`` (None for checkpoints made
+    before the gate), ``settings`` a :class:`models.gate.GateSettings`. The
+    measurements are :func:`models.gate.case_measurements` of the case (the
+    clinical transforms' plus the source geometry), compared with the
+    checkpoint's training ranges; then :func:`quality_findings`. Empty: the
+    model may go on to inference (where the feature distance is checked).
+    """
+    from models.gate import case_measurements, check_measurements
+
+    findings = list(check_measurements(gate, case_measurements(case.meta), settings))
+    return findings + quality_findings(spec, case, settings, thresholds)
 
 
-__all__ = ["CASE_FORMAT", "PrepareError", "QualityThresholds", "load_case", "prepare", "quality_flags",
-           "save_case"]
+__all__ = ["CASE_FORMAT", "CLINICAL_TRANSFORMS", "PrepareError", "QualityThresholds", "gate_case", "is_clinical",
+           "load_case", "prepare", "quality_findings", "quality_flags", "save_case"]

@@ -80,6 +80,11 @@ MRI_PROCEDURE = VerifiedCode(Code("25056-3", "LN", "MRI unspecified body region"
 # UCUM "1" = dimensionless (CID 7181). "{probability}" is valid UCUM annotation syntax but is
 # not in any DICOM context group we could check, so the report uses "1".
 UNIT_ONE = VerifiedCode(Code("1", "UCUM", "no units"), "PS3.16 (pydicom, CID 7181)")
+UNIT_MM = VerifiedCode(Code("mm", "UCUM", "mm"), "PS3.16 (pydicom, CID 7181)")
+# UCUM case-sensitive "ml" (milli + liter "l"). PS3.16's context groups list only compound ml units
+# (ml/s, ml/g, ...) and "cm3" (CID 7181, which is extensible); the gate's vocabulary is millilitres.
+UNIT_ML = VerifiedCode(Code("ml", "UCUM", "milliliter"), "UCUM c/s symbol 'ml' (CID 7181 is extensible)")
+UNITS: dict[str, VerifiedCode] = {"1": UNIT_ONE, "mm": UNIT_MM, "ml": UNIT_ML}
 
 # --------------------------------------------------------------------------- private (99DCMNODE)
 LOW_GRADE_GLIOMA = _private("LGG", "Low grade glioma")
@@ -102,6 +107,52 @@ QUALITY_FLAG = _private("QUALITYFLAG", "Quality flag")
 CANNOT_GRADE = _private("CANNOTGRADE", "Cannot grade")
 SUPERSEDES = _private("SUPERSEDES", "Supersedes report")
 CHECKPOINT = _private("CHECKPOINT", "Checkpoint")
+DECLINED = _private("DECLINED", "Model declined by the input gate")
+GATE_FINDING = _private("GATEFINDING", "Input gate finding")
+GATE_LOOSENED = _private("GATELOOSENED", "Input gate loosened")
+
+# --------------------------------------------------------------------------- measurements (99DCMNODE)
+# The measurements a prepared case carries (models.measures: the gate's vocabulary), as NUM concept
+# names: prefix -> (code value, meaning, UCUM unit). Role-specific measurements ("slice_thickness_mm/T2")
+# get one code per role, "<code>-<ROLE>" (at most 16 characters, the SH limit of CodeValue), meaning
+# "<meaning> (<ROLE>)". tests/test_report.py checks that this table and models.measures agree
+# (models is not imported here: it would pull torch into the CPU report worker).
+MEASUREMENT_CONCEPTS: dict[str, tuple[str, str, str]] = {
+    "brain_volume_ml": ("BRAINVOL", "Brain volume", "ml"),
+    "atlas_mi": ("ATLASMI", "Registration to template (mutual information)", "1"),
+    "atlas_dice": ("ATLASDICE", "Brain overlap with template brain (Dice)", "1"),
+    "atlas_scale": ("ATLASSCALE", "Head size relative to template", "1"),
+    "coregister_mi": ("COREGMI", "Co-registration to reference (mutual information)", "1"),
+    "template_coverage": ("TPLCOVER", "Coverage of the template brain", "1"),
+    "slice_thickness_mm": ("SLICETHICK", "Slice thickness", "mm"),
+    "inplane_spacing_mm": ("INPLANESP", "In-plane pixel spacing", "mm"),
+    "slices": ("NSLICES", "Number of slices", "1"),
+    "intensity_cv": ("INTENSCV", "Intensity spread in the brain (std/mean)", "1"),
+    # the gate's own numbers (not case measurements)
+    "feature_distance": ("FEATDIST", "Image-feature distance from training data", "1"),
+    "nonzero_share": ("NONZEROSHARE", "Nonzero share of the field of view", "1"),
+}
+GATE_ONLY_MEASUREMENTS: frozenset[str] = frozenset({"feature_distance", "nonzero_share"})
+
+
+def measurement_code(name: str) -> VerifiedCode | None:
+    """The NUM concept name of a measurement (``"slice_thickness_mm/T2"``), or None for an unknown one."""
+    prefix, _, role = name.partition("/")
+    entry = MEASUREMENT_CONCEPTS.get(prefix)
+    if entry is None:
+        return None
+    value, meaning, _ = entry
+    if role:
+        if not role.isalnum() or len(value) + 1 + len(role) > 16:
+            return None
+        value, meaning = f"{value}-{role}", f"{meaning} ({role})"
+    return _private(value, meaning)
+
+
+def measurement_unit(name: str) -> VerifiedCode:
+    """The UCUM unit of a measurement (``1`` for an unknown one)."""
+    entry = MEASUREMENT_CONCEPTS.get(name.partition("/")[0])
+    return UNITS[entry[2]] if entry else UNIT_ONE
 
 # --------------------------------------------------------------------------- task -> concept name, class -> value
 TASK_CONCEPT: dict[str, VerifiedCode] = {

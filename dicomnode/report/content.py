@@ -27,7 +27,7 @@ from highdicom.sr import (
 )
 from pydicom.uid import generate_uid
 
-from dicomnode.pipeline.results import KeySlice, ModelResult, TaskResult, VersionResult
+from dicomnode.pipeline.results import Declined, KeySlice, ModelResult, TaskResult, VersionResult, family_title
 
 from . import codes as c
 
@@ -41,9 +41,20 @@ NODE_ALGORITHM_NAME = "dicomnode glioma grading"
 _TASK_TITLE = {"grade": "grade", "idh": "IDH", "1p19q": "1p/19q"}
 
 
+# The SR is written in ISO_IR 100 (Latin-1, the character set of its source study's header): typography
+# outside it (the gate's "1.0–1.0 mm") would be stored as "?".
+_LATIN1 = str.maketrans({"\u2013": "-", "\u2014": "-", "\u2212": "-", "\u2018": "'", "\u2019": "'",
+                         "\u201c": '"', "\u201d": '"', "\u2026": "..."})
+
+
+def latin1(text: str) -> str:
+    """``text`` with common typography mapped to Latin-1, anything else outside it as "?"."""
+    return text.translate(_LATIN1).encode("latin-1", "replace").decode("latin-1")
+
+
 def text_item(code: c.VerifiedCode, value: str) -> TextContentItem:
     """A CONTAINS TEXT item; empty text is replaced because UT values of SR TEXT items must not be empty."""
-    return TextContentItem(name=code.concept, value=value.strip() or "(none)",
+    return TextContentItem(name=code.concept, value=latin1(value).strip() or "(none)",
                            relationship_type=RelationshipTypeValues.CONTAINS)
 
 
@@ -221,6 +232,118 @@ def task_group(model: ModelResult, task: TaskResult, result: VersionResult, *, r
     items.append(text_item(c.TRAINING_DATA, training_text(model.training_data, task.task)))
     items.append(text_item(c.VALIDATION_METRICS, metrics_text(model.metrics, task.task)))
     items += [text_item(c.QUALITY_FLAG, flag) for flag in model.quality_flags]
+    if result.gate_loosened:
+        items.append(text_item(c.GATE_LOOSENED, result.gate_loosened))
+    group[0].ContentSequence.extend(items)
+    return group
+
+
+# --------------------------------------------------------------------------- measurements and the gate
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
+
+
+def measurement_items(values: Mapping[str, Any]) -> tuple[list[Measurement], list[str]]:
+    """NUM items (99DCMNODE concept, UCUM unit) for the measurements with a code and a finite value.
+
+    Returns the items and, for the rest, a line each ("name: value") so
+    nothing measured is silently dropped from the report.
+    """
+    nums: list[Measurement] = []
+    rest: list[str] = []
+    for name in sorted(values):
+        value = values[name]
+        code = c.measurement_code(name)
+        if code is None or not _finite(value):
+            rest.append(f"{name}: {value}")
+            continue
+        nums.append(Measurement(name=code.concept, value=round(float(value), 4),
+                                unit=c.measurement_unit(name).concept))
+    return nums, rest
+
+
+def _model_values(model: ModelResult) -> dict[str, Any]:
+    values: dict[str, Any] = dict(model.measurements)
+    if model.feature_distance is not None:
+        values["feature_distance"] = model.feature_distance
+    return values
+
+
+def measurements_group(model: ModelResult, result: VersionResult, *, report_uid: str, algorithm_version: str,
+                       manufacturer: str) -> MeasurementsAndQualitativeEvaluations | None:
+    """One TID 1501 group per graded model: the measurements of the case it graded (no Finding).
+
+    Kept apart from the finding groups: inside a group whose Finding is "High
+    grade glioma", "brain volume" would read as a measurement of the tumour.
+    None when the model carries no measurements (checkpoints and results from
+    before the gate).
+    """
+    values = _model_values(model)
+    if not values:
+        return None
+    nums, rest = measurement_items(values)
+    group = MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(
+            uid=derived_uid(report_uid, model.family, model.checkpoint_sha256, "input"),
+            identifier=f"{model.family} input measurements"),
+        algorithm_id=algorithm_id(model, algorithm_version, manufacturer),
+        finding_sites=[FindingSite(anatomic_location=c.BRAIN.concept)],
+        measurements=nums or None,
+    )
+    items = [text_item(c.QUALITY_FLAG, f"measurement without a coded concept: {line}") for line in rest]
+    if model.feature_distance is not None and model.feature_threshold is not None:
+        items.append(text_item(c.GATE_FINDING, (
+            f"image-feature distance from the training data {model.feature_distance:.2f} "
+            f"(threshold {model.feature_threshold:.2f}): within range")))
+    if result.gate_loosened:
+        items.append(text_item(c.GATE_LOOSENED, result.gate_loosened))
+    if items:
+        group[0].ContentSequence.extend(items)
+    return group
+
+
+def declined_algorithm_id(d: Declined, algorithm_version: str, manufacturer: str) -> AlgorithmIdentification:
+    version = f"{algorithm_version}; checkpoint {d.checkpoint_name} sha256:{d.checkpoint_sha256}"
+    params = [f"family={d.family}", f"paper={d.paper}", f"checkpoint={d.checkpoint_name}",
+              f"checkpoint_sha256={d.checkpoint_sha256}", f"input_roles={'+'.join(d.input_roles)}",
+              f"declined by the input gate ({d.stage})"]
+    return AlgorithmIdentification(name=f"{NODE_ALGORITHM_NAME}: {d.family}", version=version,
+                                   parameters=params, manufacturer=manufacturer)
+
+
+def declined_text(d: Declined) -> str:
+    return f"{family_title(d.family)} ({d.family}) did not grade this study: " + "; ".join(
+        r.reason.rstrip(".") for r in d.reasons) + "."
+
+
+def declined_group(d: Declined, result: VersionResult, *, report_uid: str, algorithm_version: str,
+                   manufacturer: str) -> MeasurementsAndQualitativeEvaluations:
+    """A group for a model the gate declined: NO Finding, NO Probability; each reason as TEXT, the values as NUM.
+
+    The NUMs are the case's measurements plus the gate's own numbers behind a
+    reason (feature distance, nonzero share), so a reader sees the value the
+    range in the reason was compared with.
+    """
+    values: dict[str, Any] = dict(d.measurements)
+    for r in d.reasons:
+        if _finite(r.value) and c.measurement_code(r.name) is not None:
+            values[r.name] = r.value
+    nums, rest = measurement_items(values)
+    group = MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(uid=derived_uid(report_uid, d.family, d.checkpoint_sha256, "declined"),
+                                               identifier=f"{d.family} declined"),
+        algorithm_id=declined_algorithm_id(d, algorithm_version, manufacturer),
+        finding_sites=[FindingSite(anatomic_location=c.BRAIN.concept)],
+        measurements=nums or None,
+    )
+    items = [text_item(c.DECLINED, declined_text(d))]
+    items += [text_item(c.GATE_FINDING, r.reason) for r in d.reasons]
+    items.append(text_item(c.INPUTS_USED, inputs_text(result, d.input_roles)))
+    items += [text_item(c.QUALITY_FLAG, f"measurement without a coded concept: {line}") for line in rest]
+    if result.gate_loosened:
+        items.append(text_item(c.GATE_LOOSENED, result.gate_loosened))
     group[0].ContentSequence.extend(items)
     return group
 
@@ -255,10 +378,16 @@ def version_evaluations(result: VersionResult) -> ContainerContentItem:
     items = [text_item(c.DISCLAIMER, DISCLAIMER_TEXT)]
     if result.cannot_grade or not result.results:
         items.append(text_item(c.CANNOT_GRADE, result.cannot_grade or "no model produced a result"))
+    declined = {d.family for d in result.declined}
     for d in result.decisions:
-        items.append(text_item(c.MODEL_PATH, f"{d.family}: {'ran' if d.runs else 'did not run'}. {d.reason}"))
+        state = ("selected, then declined by the input gate" if d.family in declined
+                 else "ran" if d.runs else "did not run")
+        items.append(text_item(c.MODEL_PATH, f"{d.family}: {state}. {d.reason}"))
     items.append(text_item(c.INPUTS_USED, inputs_text(result)))
     items.append(text_item(c.MISSING_INPUTS, missing_text(result)))
+    items += [text_item(c.DECLINED, declined_text(d)) for d in result.declined]
+    if result.gate_loosened:
+        items.append(text_item(c.GATE_LOOSENED, result.gate_loosened))
     items += [text_item(c.QUALITY_FLAG, f) for f in result.quality_flags]
     if result.supersedes is not None:
         s = result.supersedes

@@ -83,12 +83,17 @@ def describe(sr_path: Path | str) -> str:
         title = (fields.get("Tracking Identifier") or ["group"])[0]
         finding = (fields.get("Finding") or ["no finding"])[0]
         prob = (fields.get("Probability") or [None])[0]
+        if "Model declined by the input gate" in fields:
+            finding = "NOT GRADED (declined by the input gate)"
         out.append(f"* {title}: {finding}" + (f", probability {prob}" if prob is not None else ""))
-        for key in ("Class probabilities", "Algorithm Version", "Model path and reason", "Inputs used",
-                    "Missing inputs", "Cannot grade", "Key slice", "Training data", "Validation metrics",
-                    "Quality flag"):
+        for key in ("Model declined by the input gate", "Input gate finding", "Class probabilities",
+                    "Algorithm Version", "Model path and reason", "Inputs used", "Missing inputs", "Cannot grade",
+                    "Key slice", "Training data", "Validation metrics", "Quality flag", "Input gate loosened"):
             for v in fields.get(key, []):
                 out.append(f"    {key}: {v}")
+        for k in kids:  # measurements of the case (NUM items other than the probability)
+            if k.ValueType == "NUM" and _name(k) != "Probability":
+                out.append(f"    {_name(k)}: {_value(k)}")
     out.append("")
     for name, values in by_name.items():
         for v in values:

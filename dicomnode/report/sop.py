@@ -58,7 +58,10 @@ def report_uids(result: VersionResult, *, prefix: str | None = None) -> dict[str
         result.study_instance_uid,
         f"version={result.version}",
         "inputs=" + ",".join(sorted({s.series_instance_uid for s in result.inputs})),
-        "checkpoints=" + ",".join(sorted({m.checkpoint_sha256 for m in result.results})),
+        # every checkpoint the version was judged with, graded or declined by the gate: the same
+        # question asked again under another gate setting is answered in the same report object
+        "checkpoints=" + ",".join(sorted({m.checkpoint_sha256 for m in result.results}
+                                         | {d.checkpoint_sha256 for d in result.declined})),
     ]
     root = {"prefix": prefix} if prefix else {}  # prefix=None would mean a random 2.25 UID in pydicom
     return {f"{kind}_{what}": str(generate_uid(**root, entropy_srcs=[*base, f"kind={kind}", what]))
@@ -144,13 +147,18 @@ def build_sr(result: VersionResult, *, algorithm_version: str, manufacturer: str
     )
     graded = bool(result.results) and not result.cannot_grade
     common = dict(report_uid=uids["sr_sop"], algorithm_version=algorithm_version, manufacturer=manufacturer)
-    if graded:
-        groups = [content.task_group(m, t, result, **common) for m in result.results for t in m.tasks]
+    groups: list = []
+    if graded and any(m.tasks for m in result.results):
+        for m in result.results:  # per model: its finding groups, then the measurements of the case it graded
+            groups += [content.task_group(m, t, result, **common) for t in m.tasks]
+            extra = content.measurements_group(m, result, **common)
+            if extra is not None:
+                groups.append(extra)
     else:
-        groups = []
-    if not groups:
         groups = [content.cannot_grade_group(result, **common)]
         graded = False
+    # a declined model is listed with its reasons and values, never with a Finding or a Probability
+    groups += [content.declined_group(d, result, **common) for d in result.declined]
 
     report = MeasurementReport(
         observation_context=ObservationContext(observer_device_context=observer),
@@ -190,8 +198,9 @@ def build_sr(result: VersionResult, *, algorithm_version: str, manufacturer: str
         manufacturer_model_name=content.NODE_ALGORITHM_NAME,
     )
     stamp_time(sr, when, date_attrs=[("InstanceCreationDate", "InstanceCreationTime")])
-    log.info("built %s SR for study %s version %s: %d group(s)",
-             "graded" if graded else "cannot-grade", result.study_id, result.version, len(groups))
+    log.info("built %s SR for study %s version %s: %d group(s), %d model(s) declined by the gate",
+             "graded" if graded else "cannot-grade", result.study_id, result.version, len(groups),
+             len(result.declined))
     return sr
 
 

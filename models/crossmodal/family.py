@@ -207,6 +207,24 @@ def predict(
     )
 
 
+def features(model: CrossModalityNet, inputs: Mapping[str, Tensor], device: str | torch.device = "cpu") -> Tensor:
+    """(B, 4 * C) float32 on the CPU: the pooled attended features of every modality in fixed
+    ``ROLES`` slots (zeros for inactive ones), the vector the classifier MLP reads
+    (``model.classifier(features)`` gives the logits). Eval mode (restored), no gradients, no
+    autocast. For the gate (``models.gate``)."""
+    dev = torch.device(device)
+    was_training = model.training
+    model.eval().to(dev)
+    dtype = next(model.parameters()).dtype
+    try:
+        volumes = {role: inputs[role].to(dev, dtype) for role in model.active_roles if role in inputs}
+        with torch.no_grad():
+            fused = model.fuse(model(volumes).pooled)
+    finally:
+        model.train(was_training)
+    return fused.detach().float().cpu()
+
+
 def spec_for(hparams: Mapping[str, Any]) -> dict[str, Any]:
     """The spec whose volumes fit a network built from ``hparams`` (its ``input_size``, D x H x W)."""
     return make_spec({**default_hparams(), **dict(hparams)}["input_size"])
@@ -222,4 +240,5 @@ FAMILY = ModelFamily(
     default_spec=default_spec,
     predict=predict,
     spec_for=spec_for,
+    features=features,
 )

@@ -14,6 +14,7 @@ from models.common3d import (
     input_shape_of,
     merge_hparams,
     predict_volume_classifier,
+    volume_features,
     volume_spec,
 )
 from models.fs3dcnn.network import FullSequence3DCNN
@@ -84,6 +85,13 @@ def predict(
     )
 
 
+def features(model: FullSequence3DCNN, inputs: Mapping[str, torch.Tensor],
+             device: str | torch.device = "cpu") -> torch.Tensor:
+    """(B, F) float32 on the CPU: z_CEF, the pooled encoder output the three-layer classifier reads
+    (``model.classifier(features)`` gives the logits). For the gate (``models.gate``)."""
+    return volume_features(model, inputs, roles=INPUT_ROLES, device=device)
+
+
 def spec_for(hparams: Mapping[str, Any]) -> dict[str, Any]:
     """The spec whose volumes fit a network built from ``hparams`` (its ``input_shape``)."""
     return make_spec({**default_hparams(), **dict(hparams)}["input_shape"])
@@ -99,4 +107,5 @@ FAMILY = ModelFamily(
     default_spec=default_spec,
     predict=predict,
     spec_for=spec_for,
+    features=features,
 )

@@ -166,6 +166,24 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def _slices_and_mask(model: MMDLM, inputs: Mapping[str, torch.Tensor], target: torch.device
+                     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The model's roles as float32 (B, S, H, W) on ``target`` and the (B, S) slice mask
+    (all True when ``inputs`` has no ``slice_mask``)."""
+    missing = [role for role in model.roles if role not in inputs]
+    if missing:
+        raise ValueError(f"mmdlm needs roles {list(model.roles)}; missing {missing}")
+    slices = {role: inputs[role].to(target, dtype=torch.float32) for role in model.roles}
+    first = slices[model.roles[0]]
+    if first.dim() != 4:
+        raise ValueError(f"mmdlm inputs must be (B, S, H, W), got {tuple(first.shape)}")
+    if SLICE_MASK_KEY in inputs:
+        mask = inputs[SLICE_MASK_KEY].to(target)
+    else:
+        mask = torch.ones(first.shape[:2], dtype=torch.bool, device=target)
+    return slices, mask
+
+
 def predict(
     model: nn.Module,
     inputs: Mapping[str, torch.Tensor],
@@ -185,21 +203,11 @@ def predict(
     """
     if not isinstance(model, MMDLM):
         raise TypeError(f"mmdlm.predict needs an MMDLM, got {type(model).__name__}")
-    missing = [role for role in model.roles if role not in inputs]
-    if missing:
-        raise ValueError(f"mmdlm needs roles {list(model.roles)}; missing {missing}")
     k = int(key_slices if key_slices is not None else model.key_slices)
     if k < 1:
         raise ValueError(f"key_slices must be >= 1, got {k}")
     target = torch.device(device)
-    slices = {role: inputs[role].to(target, dtype=torch.float32) for role in model.roles}
-    first = slices[model.roles[0]]
-    if first.dim() != 4:
-        raise ValueError(f"mmdlm inputs must be (B, S, H, W), got {tuple(first.shape)}")
-    if SLICE_MASK_KEY in inputs:
-        mask = inputs[SLICE_MASK_KEY].to(target)
-    else:
-        mask = torch.ones(first.shape[:2], dtype=torch.bool, device=target)
+    slices, mask = _slices_and_mask(model, inputs, target)
     model.eval()
     model.to(target)
     with torch.no_grad(), _autocast(target, autocast_dtype):
@@ -225,6 +233,25 @@ def predict(
     )
 
 
+def features(model: nn.Module, inputs: Mapping[str, torch.Tensor], device: str | torch.device = "cpu") -> torch.Tensor:
+    """(B, fusion_dim) float32 on the CPU: the fused vector the three task heads read
+    (``model.heads[task](features)`` gives each task's logit). ``inputs`` as for :func:`predict`.
+    Eval mode (restored), no gradients, no autocast. For the gate (``models.gate``)."""
+    if not isinstance(model, MMDLM):
+        raise TypeError(f"mmdlm.features needs an MMDLM, got {type(model).__name__}")
+    target = torch.device(device)
+    slices, mask = _slices_and_mask(model, inputs, target)
+    was_training = model.training
+    model.eval()
+    model.to(target)
+    try:
+        with torch.no_grad():
+            fused = model(slices, mask).fused
+    finally:
+        model.train(was_training)
+    return fused.detach().float().cpu()
+
+
 FAMILY = ModelFamily(
     name=NAME,
     paper="seed 002 (MMDLM)",
@@ -235,4 +262,5 @@ FAMILY = ModelFamily(
     default_spec=default_spec,
     predict=predict,
     spec_for=spec_for,
+    features=features,
 )

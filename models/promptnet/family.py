@@ -19,6 +19,7 @@ from models.common3d import (
     input_shape_of,
     merge_hparams,
     predict_volume_classifier,
+    volume_features,
     volume_spec,
 )
 from models.promptnet.loss import PromptLossConfig
@@ -117,6 +118,14 @@ def predict(
     )
 
 
+def features(model: PromptNet, inputs: Mapping[str, torch.Tensor],
+             device: str | torch.device = "cpu") -> torch.Tensor:
+    """(B, F) float32 on the CPU: the student's fused vector (non-enhanced branches and the
+    complementary branch z_CF, per ``fusion``; no T1CE needed), which the classifier reads
+    (``model.classifier(features)`` gives the logits). For the gate (``models.gate``)."""
+    return volume_features(model, inputs, roles=INPUT_ROLES, device=device)
+
+
 def spec_for(hparams: Mapping[str, Any]) -> dict[str, Any]:
     """The spec whose volumes fit a network built from ``hparams`` (its ``input_shape``)."""
     return make_spec({**default_hparams(), **dict(hparams)}["input_shape"])
@@ -132,4 +141,5 @@ FAMILY = ModelFamily(
     default_spec=default_spec,
     predict=predict,
     spec_for=spec_for,
+    features=features,
 )

@@ -64,7 +64,7 @@ from training.calibration import TemperatureFit, apply_temperature, temperature_
 from training.cases import Case, labelled, labels_array, with_roles
 from training.data import Batch, CaseDataset, VolumeCache, make_loader
 from training.datasets import DatasetError, read_dataset
-from training.export import export_model
+from training.export import export_model, gate_stats
 from training.loop import (
     FitResult,
     Predictions,
@@ -77,6 +77,7 @@ from training.loop import (
     seed_everything,
 )
 from training.metrics import binary_metrics
+from training.prepare import exclude_failed
 from training.protocols import ConfigError, RunOptions, config_hash, parse_amp
 from training.reports import (
     RowResult,
@@ -184,6 +185,12 @@ def caption_with_departures(base: str, departures: Sequence[str]) -> str:
 
 
 # --------------------------------------------------------------------------- the protocol
+
+
+def prepare_specs(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The one spec this protocol trains with, by name: what ``python -m training prepare crossmodal``
+    prepares and ``run`` reads back."""
+    return {NAME: _spec(config)}
 
 
 def _spec(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -400,6 +407,8 @@ def _run_split(config: Mapping[str, Any], options: RunOptions, cache: VolumeCach
             val_score=val_auc if isinstance(val_auc, float) and math.isfinite(val_auc) else None,
             extra={"secondary_order": list(order), "single_modality_val_auc": single_scores,
                    "final_stage": stage_records[final_index]["label"], "class_weights": trainer.class_weights},
+            gate=gate_stats(model, FAMILY, train, val, cache, device=trainer.device,
+                            batch_size=int(config["train"]["eval_batch_size"])),
         )
     result = {
         "run_key": run_key,
@@ -483,6 +492,9 @@ def run(config: Mapping[str, Any], *, data_dir: Path, out_dir: Path, options: Ru
                                       "data_dir": str(data_dir)})
     spec = _spec(config)
     cases = read_cases(Path(data_dir), ROLES, verify=str(config["data"]["verify"]), require="grade")
+    # prepared once per case and spec (reused from `python -m training prepare`); failures excluded, listed
+    cases, _ = exclude_failed(cases, {NAME: spec}, Path(config["data"]["cache_dir"] or out_dir / "cache"),
+                              record=out_dir / "prepare.json", progress=options.progress)
     plan = make_plan(cases, labels_array(cases, "grade").tolist(), config["split"], options.repeats)
     plan.save(out_dir / "splits.json")
     cache_dir = Path(config["data"]["cache_dir"] or out_dir / "cache")

@@ -58,9 +58,10 @@ from models.preprocess import PreprocessError, apply_spec
 from training.calibration import apply_temperature, temperature_fit
 from training.cases import Case, labels_array
 from training.data import Batch, CaseDataset, VolumeCache, make_loader, to_device
-from training.export import export_model
+from training.export import export_model, gate_stats
 from training.loop import StepOutput, fit, make_optimizer, predict_loader, seed_everything
 from training.metrics import binary_metrics
+from training.prepare import exclude_failed
 from training.protocols import ConfigError, RunOptions, config_hash
 from training.protocols.crossmodal import (
     caption_with_departures,
@@ -448,6 +449,7 @@ def _run_split(config: Mapping[str, Any], options: RunOptions, cache: VolumeCach
                                        "the single 'temperature' field is None because one number cannot "
                                        "calibrate three tasks"},
             description=str(config["protocol"].get("data_description", "")) or None,
+            gate=gate_stats(model, FAMILY, train, val, cache, device=work.device),
         )
     result = {
         "run_key": run_key, "fold": r, "stage1": s1, "stage3": s3,
@@ -554,6 +556,15 @@ def _tumour_map(cases: Sequence[Case], spec: Mapping[str, Any], cache: VolumeCac
     return out
 
 
+def prepare_specs(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The one (slice) spec this protocol trains with, by name: what ``python -m training prepare
+    mmdlm`` prepares and ``run`` reads back."""
+    try:
+        return {NAME: FAMILY.spec_for(dict(config["model"]))}  # type: ignore[misc]
+    except ValueError as exc:
+        raise ConfigError(f"mmdlm: model hyper-parameters do not give a spec: {exc}") from exc
+
+
 def run(config: Mapping[str, Any], *, data_dir: Path, out_dir: Path, options: RunOptions) -> dict[str, Any]:
     """Train and evaluate MMDLM's three stages on every fold; returns a JSON-able summary.
 
@@ -579,12 +590,12 @@ def run(config: Mapping[str, Any], *, data_dir: Path, out_dir: Path, options: Ru
     # run.json: what the CLI's `evaluate` and `export` read to find the protocol of a run folder
     write_json(out_dir / "run.json", {"protocol": NAME, "config": config, "config_hash": run_key,
                                       "data_dir": str(data_dir)})
-    try:
-        spec = FAMILY.spec_for(dict(config["model"]))  # type: ignore[misc]
-    except ValueError as exc:
-        raise ConfigError(f"mmdlm: model hyper-parameters do not give a spec: {exc}") from exc
+    spec = prepare_specs(config)[NAME]
     cases = read_cases(Path(data_dir), ROLES, verify=str(config["data"]["verify"]), require=None)
     cases = [c for c in cases if any(c.labels.get(t) is not None for t in TASKS)]
+    # prepared once per case and spec (reused from `python -m training prepare`); failures excluded, listed
+    cases, _ = exclude_failed(cases, {NAME: spec}, Path(config["data"]["cache_dir"] or out_dir / "cache"),
+                              record=out_dir / "prepare.json", progress=options.progress)
     strata_kind = str(config["split"]["strata"])
     if strata_kind == "joint":
         strata = joint_strata(*[[c.labels.get(t) for c in cases] for t in TASKS])

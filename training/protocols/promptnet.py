@@ -52,7 +52,7 @@ from training.calibration import apply_temperature, expected_calibration_error, 
 from training.cases import Case, labels_array, with_roles
 from training.data import Batch, CaseDataset, VolumeCache, make_loader, random_flip
 from training.datasets import DatasetError, read_dataset
-from training.export import INDEX_NAME, export_model
+from training.export import INDEX_NAME, export_model, gate_stats
 from training.loop import (
     StepFn,
     StepOutput,
@@ -63,6 +63,7 @@ from training.loop import (
     seed_everything,
 )
 from training.metrics import binary_metrics, summary_dict
+from training.prepare import exclude_failed
 from training.protocols import ConfigError, RunOptions, config_hash, parse_amp
 from training.reports import RowResult, save_predictions, save_reliability_figure, save_roc_pr_figure, table1
 from training.splits import SplitPlan, repeated_holdout, stratified_kfold
@@ -124,6 +125,19 @@ def spec_with_spacing(family: ModelFamily, hparams: Mapping[str, Any], spacing: 
         if t["name"] == "resample":
             t["spacing"] = sp
     return spec
+
+
+def prepare_specs(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The two specs this protocol trains with (the template's four roles, PromptNet's three), by
+    family name: what ``python -m training prepare promptnet`` prepares and ``run`` reads back."""
+    spacing = config["data"]["spacing"]
+    return {"fs3dcnn": spec_with_spacing(FS3D, model_hparams(config, "fs3dcnn"), spacing),
+            "promptnet": spec_with_spacing(PROMPTNET, model_hparams(config, "promptnet", "none"), spacing)}
+
+
+def cache_root(config: Mapping[str, Any], out: Path) -> Path:
+    """``data.cache_dir``, or ``<run>/cache`` when it is empty."""
+    return Path(config["data"]["cache_dir"]) if config["data"]["cache_dir"] else out / "cache"
 
 
 # --------------------------------------------------------------------------- data
@@ -232,12 +246,12 @@ class _Context:
         amp_cfg = parse_amp(config["train"]["amp"])
         self.amp = options.amp_dtype if options.amp_dtype is not None else amp_cfg
         data = config["data"]
-        cache_root = Path(data["cache_dir"]) if data["cache_dir"] else out / "cache"
+        root = cache_root(config, out)
         self.fs_hp = model_hparams(config, "fs3dcnn")
-        self.fs_spec = spec_with_spacing(FS3D, self.fs_hp, data["spacing"])
-        self.ne_spec = spec_with_spacing(PROMPTNET, model_hparams(config, "promptnet", "none"), data["spacing"])
-        self.fs_cache = VolumeCache(self.fs_spec, cache_root)
-        self.ne_cache = VolumeCache(self.ne_spec, cache_root)
+        specs = prepare_specs(config)
+        self.fs_spec, self.ne_spec = specs["fs3dcnn"], specs["promptnet"]
+        self.fs_cache = VolumeCache(self.fs_spec, root)
+        self.ne_cache = VolumeCache(self.ne_spec, root)
         self.flip = random_flip(tuple(int(a) for a in data["flip_axes"])) if data["flip_axes"] else None
         self.seed = int(config["protocol"]["seed"])
 
@@ -332,9 +346,10 @@ def _train_row(ctx: _Context, row: str, repeat: int, template_ckpt: Path | None)
     }
     ckpt = ctx.out / "checkpoints" / f"{family_name}-{row}-r{repeat}.pt"
     if ctx.options.dist.is_main:
+        train_cases, val_cases = [ctx.cases[i] for i in split.train], [ctx.cases[i] for i in split.val]
         sha = export_model(
             ckpt, model, family_name, hp, spec,
-            train_cases=[ctx.cases[i] for i in split.train], val_cases=[ctx.cases[i] for i in split.val],
+            train_cases=train_cases, val_cases=val_cases,
             split={"scheme": ctx.plan.scheme, "index": split.index, "seed": ctx.plan.seed,
                    "test_case_ids": list(split.test_ids)},
             config=ctx.config,
@@ -346,6 +361,9 @@ def _train_row(ctx: _Context, row: str, repeat: int, template_ckpt: Path | None)
             extra={"table1_type": ROWS[row][0], "table1_data": ROWS[row][1],
                    **({"template_checkpoint": str(template_ckpt)} if template_ckpt else {})},
             description=str(ctx.config["protocol"].get("data_description", "")) or None,
+            # the node's gate: ranges and feature statistics on this row's own spec (threshold on validation)
+            gate=gate_stats(model, family, train_cases, val_cases, ctx.fs_cache if row == "fs" else ctx.ne_cache,
+                            device=ctx.device, batch_size=ebs),
         )
         record["checkpoint"] = str(ckpt)
         record["sha256"] = sha
@@ -455,6 +473,10 @@ def run(config: Mapping[str, Any], *, data_dir: str | Path, out_dir: str | Path,
     if options.num_threads:
         torch.set_num_threads(int(options.num_threads))
     cases = _load_cases(Path(data_dir), config)
+    # prepared once per case and spec (reused from `python -m training prepare`); failures excluded, listed
+    cases, _ = exclude_failed(cases, prepare_specs(config), cache_root(config, out),
+                              record=out / "prepare.json" if options.dist.is_main else None,
+                              progress=options.progress)
     plan = _make_plan(cases, config, repeats)
     out.mkdir(parents=True, exist_ok=True)
     run_file = out / "run.json"
