@@ -131,6 +131,8 @@ def test_real_siemens_head(tmp_path: Path) -> None:
     assert m["coregister_mi/FLAIR"] > 0.2, m
     assert m["atlas_dice"] > 0.8, m
     assert m["slice_thickness_mm/FLAIR"] == pytest.approx(4.0, abs=0.01)
+    # the brainstem below the template's window is not "the brain cut" (at most 2 % of the mask)
+    assert steps["crop_or_pad"]["brain_truncated"] is False, steps["crop_or_pad"]["brain_cut_share"]
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     _outline_png(case, ARTIFACTS / "real_siemens_mask.png", m)
 
