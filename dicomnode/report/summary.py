@@ -480,7 +480,19 @@ _WRAP = {"alert": 40, "head": 50, "result": 48, "body": 60, "small": 76, "warn":
 _STEP = {"alert": 0.045, "head": 0.036, "result": 0.034, "body": 0.03, "small": 0.025, "warn": 0.025}
 
 
-_STEP_WRAP, _STEP_STEP, _STEP_TOP, _STEP_BOTTOM = 66, 0.021, 0.335, 0.19
+_STEP_WRAP, _STEP_STEP, _STEP_TOP, _STEP_BOTTOM = 72, 0.019, 0.335, 0.185
+#: the steps the image shows first (what a reader checks: was the brain found, did it land on the template);
+#: routine ones (reorient, the mask's voxel count, normalisation) only when there is room
+_STEP_PRIORITY = ("brain extraction", "registration to template", "co-registration", "bias-field", "crop/pad",
+                  "slices:", "resample")
+
+
+def _essential(steps: list[str]) -> list[str]:
+    """The step lines in the order a reader needs them; routine steps last."""
+    def rank(line: str) -> int:
+        return next((i for i, p in enumerate(_STEP_PRIORITY) if line.startswith(p)), len(_STEP_PRIORITY))
+
+    return sorted(steps, key=rank)
 
 
 def _wrap(fig: Figure, text: str, width: int, x: float, right: float, *, indent: str = "",
@@ -559,13 +571,15 @@ def figure(result: VersionResult, panel: Panel | None, *, algorithm_version: str
                 fig.text(x, y, f"— {label}", fontsize=8, color=colour, va="top")
                 x += 0.16
             y -= _STEP_STEP
-        lines = ["Preprocessing (what the model saw):"] + [f"  {line}" for line in panel.steps]
-        for line in lines:
-            for part in _wrap(fig, line, _STEP_WRAP, 0.02, 0.45, indent="    ", fontsize=8):
-                if y < _STEP_BOTTOM:
-                    break
-                fig.text(0.02, y, part, fontsize=8, color="#cccccc", va="top")
-                y -= _STEP_STEP
+        lines = ["Preprocessing (what the model saw):"] + [f"  {line}" for line in _essential(panel.steps)]
+        parts = [part for line in lines
+                 for part in _wrap(fig, line, _STEP_WRAP, 0.02, 0.45, indent="    ", fontsize=7.5)]
+        room = max(1, int((y - _STEP_BOTTOM) / _STEP_STEP) + 1)
+        if len(parts) > room:  # never cut silently: say where the rest is
+            parts = parts[: room - 1] + ["  ... (every step and measurement is in the SR)"]
+        for part in parts:
+            fig.text(0.02, y, part, fontsize=7.5, color="#cccccc", va="top")
+            y -= _STEP_STEP
 
     y = 0.9
     for style, text in summary_lines(result):
