@@ -319,18 +319,28 @@ def coregister(case: _Case, p: dict[str, Any]) -> dict[str, Any]:
 
     Replaces co-location through the scanner frame: patients move between
     series, and a 2D series is often tilted against a 3D one. Roles that share
-    the reference's grid exactly (BraTS ships co-registered volumes on one
-    grid) are taken as registered and only recorded so.
+    the reference's grid exactly are taken as registered only when the data
+    say they were prepared so (skull-stripped, or a NIfTI declaring registered
+    or template space: BraTS ships co-registered volumes on one grid); a
+    scanner's series on one grid are registered anyway (the patient may have
+    moved between a T1 before and after contrast). Each registration's matrix
+    is recorded (``matrix_ras``, reference world -> role world).
     """
     ref = reference_role(list(case.arrays), p["reference"])
     case.registration_reference = ref
     out: dict[str, Any] = {"reference": ref, "roles": {}}
+    # BraTS-style data (skull-stripped, or declared registered/template space) ship co-registered on one
+    # grid; a scanner's series on one grid (2D T1 before and after contrast) may still hold motion
+    prepared = case.declared.get(ref) in (2, NIFTI_CODE_MNI) or \
+        looks_skull_stripped(case.arrays[ref], zooms_of(case.affines[ref]))[0]
     for role in case.arrays:
         if role == ref:
             continue
-        if same_grid(case.arrays[role].shape, case.affines[role], case.arrays[ref].shape, case.affines[ref]):
+        if prepared and same_grid(case.arrays[role].shape, case.affines[role], case.arrays[ref].shape,
+                                  case.affines[ref]):
             case.rigid[role] = np.eye(4)
-            out["roles"][role] = {"registered": False, "why": "already on the reference's grid"}
+            out["roles"][role] = {"registered": False,
+                                  "why": "already on the reference's grid (skull-stripped or declared registered)"}
             continue
         fixed, fixed_aff = case.arrays[ref], case.affines[ref]
         moving, moving_aff = case.arrays[role], case.affines[role]
@@ -340,7 +350,8 @@ def coregister(case: _Case, p: dict[str, Any]) -> dict[str, Any]:
         angle = math.degrees(math.acos(max(-1.0, min(1.0, (np.trace(matrix[:3, :3]) - 1) / 2))))
         out["roles"][role] = {"registered": True, "optimizer_mi": round(metric, 4),
                               "rotation_deg": round(angle, 2),
-                              "translation_mm": round(float(np.linalg.norm(matrix[:3, 3])), 2)}
+                              "translation_mm": round(float(np.linalg.norm(matrix[:3, 3])), 2),
+                              "matrix_ras": [[round(float(v), 6) for v in row] for row in matrix]}
     return out
 
 
@@ -547,7 +558,8 @@ def atlas_register(case: _Case, p: dict[str, Any]) -> dict[str, Any]:
         A, metric = _memo(case, "atlas_register", {k: v for k, v in p.items() if k != "spacing"} | {"ref": ref},
                           lambda: _register_affine(np.where(ref_mask, ref_data, 0.0), ref_aff, name, p))
         A = np.asarray(A)
-        info.update(registered=True, optimizer_mi=round(metric, 4))
+        info.update(registered=True, optimizer_mi=round(metric, 4),
+                    matrix_ras=[[round(float(v), 6) for v in row] for row in A])  # template world -> reference
     shape, out_aff = template_grid(name, p["spacing"])
     native = {r: (case.arrays[r].shape, case.affines[r].copy()) for r in roles}
     for role in roles:
