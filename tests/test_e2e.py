@@ -127,6 +127,9 @@ def test_embedded_four_sequences_sr_and_summary_in_the_pacs_once(pacs_and_node: 
     assert len(srs) == 1
     dump = check_sr(orthanc, srs[0], tmp_path, "Probability", "Finding", GATE_LOOSENED_ITEM)
     assert "fs3dcnn" in dump or "mmdlm" in dump
+    # WHO CNS5: never "IDH-wildtype" beside a 1p/19q call (co-deletion is defined only with an IDH mutation)
+    if '"IDH-wildtype")' in dump:  # one MMDLM in this study: its IDH answer is wildtype, so no 1p/19q answer
+        assert '"1p/19q co-deleted")' not in dump and '"1p/19q intact")' not in dump, dump
     sc = reports_in(orthanc, study, "OT") or reports_in(orthanc, study, "SC")
     check_sc(orthanc, sc[0], tmp_path)
     doc = node.status()

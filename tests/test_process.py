@@ -426,3 +426,29 @@ def test_feature_distance_before_trusting_a_prediction(converted, ckpt_dir: Path
     check = check_case_features(bare, case, cache, GateSettings(), device="cpu")
     assert check.distance is None and check.finding is not None and check.finding.name == "feature_distance"
     assert check_case_features(bare, case, cache, GateSettings(unchecked="allow"), device="cpu").finding is None
+
+
+def _task(task: str, label: str, p_positive: float) -> "TaskResult":
+    from dicomnode.pipeline.results import TaskResult
+    from models.base import TASKS
+
+    neg, pos = TASKS[task]
+    return TaskResult(task=task, label=label, probability=p_positive,
+                      probabilities={neg: 1.0 - p_positive, pos: p_positive}, calibrated=True)
+
+
+def test_who_cns5_no_1p19q_without_an_idh_mutation() -> None:
+    """IDH-wildtype with 1p/19q co-deleted is not a WHO CNS5 category: 1p/19q is reported only with IDH-mutant."""
+    from dicomnode.process.infer import who_consistent
+
+    grade = _task("grade", "HGG", 0.8)
+    wild = [grade, _task("idh", "IDH-wildtype", 0.21), _task("1p19q", "1p/19q-codeleted", 0.61)]
+    kept, flags = who_consistent(wild)
+    assert [t.task for t in kept] == ["grade", "idh"]
+    assert len(flags) == 1 and "IDH-wildtype (P = 0.79)" in flags[0] and "WHO CNS5" in flags[0]
+    mutant = [grade, _task("idh", "IDH-mutant", 0.7), _task("1p19q", "1p/19q-codeleted", 0.61)]
+    kept, flags = who_consistent(mutant)
+    assert [t.task for t in kept] == ["grade", "idh", "1p19q"] and flags == []
+    kept, flags = who_consistent([grade, _task("1p19q", "1p/19q-intact", 0.2)])
+    assert [t.task for t in kept] == ["grade"] and "no IDH status" in flags[0]
+    assert who_consistent([grade]) == ([grade], [])

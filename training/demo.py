@@ -49,11 +49,14 @@ _SIZES: dict[str, dict[str, Any]] = {
         "n_cases": 100,         # the small profile's cohort (79 HGG / 21 LGG); 60 cases = 38 training
         "shape": None,          # cases were too few for the template in 12 epochs (held-out AUC 0.50)
         "spacing": None,        # the small profile's 64x64x48 at 3x3x3.25 mm
+        # clinical_no_n4: the checkpoints read native whole heads (co-registration, deepbet, MNI152 grid);
+        # N4 is left out because it costs ~1 s per role and case on 2 cores (a site config keeps it)
         "promptnet": [
             "template.epochs=18", "student.epochs=8", "template.milestones=[14]", "student.milestones=[100]",
+            "data.preprocess=clinical_no_n4",
         ],
         "mmdlm": [
-            "stage1.epochs=4", "stage3.epochs=15",
+            "stage1.epochs=4", "stage3.epochs=15", "data.preprocess=clinical_no_n4",
         ],
     },
     "tiny": {
@@ -63,12 +66,13 @@ _SIZES: dict[str, dict[str, Any]] = {
         "promptnet": [
             "model.input_shape=[32,32,24]", "data.spacing=[6.0,6.0,6.5]", "model.stem_width=4",
             "model.widths=[4,8,8]", "model.blocks_per_stage=[1,1,1]", "model.fc_hidden=[8,8]",
-            "template.epochs=2", "student.epochs=2", "train.milestones=[100]",
+            "template.epochs=2", "student.epochs=2", "train.milestones=[100]", "data.preprocess=clinical_no_n4",
         ],
         "mmdlm": [
             "model.slice_size=[32,32]", "model.slice_count=8", "model.spacing_mm=[6.0,6.0,6.5]",
             "model.resnet_widths=[4,8,8,8]", "model.mil_hidden_dim=8", "model.mil_attention_dim=8",
             "model.projection_dim=8", "model.fusion_dim=8", "stage1.epochs=1", "stage3.epochs=2",
+            "data.preprocess=clinical_no_n4",
         ],
     },
 }

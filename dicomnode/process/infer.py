@@ -46,7 +46,7 @@ from dicomnode.pipeline.results import KeySlice, ModelResult, TaskResult
 from dicomnode.process.convert import ConvertedSeries
 from models.base import TASKS
 from models.checkpoint import CheckpointError, LoadedCheckpoint
-from models.gate import FeatureStats, GateSettings, case_measurements, check_features
+from models.gate import FeatureStats, FloorSettings, GateSettings, case_measurements, check_features, withheld_sentence
 from models.preprocess import PreprocessedCase, to_batch, validate_spec
 from models.registry import CheckpointInfo, Selection
 
@@ -230,15 +230,66 @@ def _grad_mode(family: str) -> Iterator[None]:
             yield
 
 
+def who_consistent(tasks: list[TaskResult]) -> tuple[list[TaskResult], list[str]]:
+    """The molecular answers a neuropathologist accepts (WHO CNS5, 2021), and why anything was left out.
+
+    1p/19q co-deletion together with an IDH mutation defines oligodendroglioma;
+    "IDH-wildtype, 1p/19q co-deleted" is not a category, and a 1p/19q status
+    without an IDH status means nothing. So the 1p/19q answer is reported only
+    when the same model predicts IDH-mutant; otherwise it is dropped and the
+    report says why. Grade and IDH are left as they are.
+    """
+    by = {t.task: t for t in tasks}
+    codel = by.get("1p19q")
+    if codel is None:
+        return tasks, []
+    idh = by.get("idh")
+    if idh is not None and idh.label == TASKS["idh"][1]:  # IDH-mutant
+        return tasks, []
+    if idh is None:
+        why = "1p/19q not reported: this model gives no IDH status, and 1p/19q co-deletion is defined only in " \
+              "IDH-mutant gliomas (WHO CNS5)"
+    else:
+        why = (f"1p/19q not reported: the model predicts {idh.label} (P = {idh.probabilities[idh.label]:.2f}); "
+               f"1p/19q co-deletion is defined only in IDH-mutant gliomas (oligodendroglioma, WHO CNS5)")
+    return [t for t in tasks if t.task != "1p19q"], [why]
+
+
+def withhold_under_floor(tasks: list[TaskResult], metrics: Mapping[str, Any] | None, family_tasks: list[str],
+                         floor: FloorSettings | None) -> tuple[list[TaskResult], list[str]]:
+    """The tasks the checkpoint's held-out metrics support (``models.gate`` floor), and why any were left out.
+
+    Runs before :func:`who_consistent`, so a withheld IDH answer never shows up, not even in
+    the sentence that explains a dropped 1p/19q. Without its IDH answer a 1p/19q answer means
+    nothing (WHO CNS5), so it is withheld with it. The grade is declined earlier (the gate, at
+    preprocessing); should it reach here under the floor, it is withheld like any task.
+    """
+    if floor is None:
+        return tasks, []
+    flags: dict[str, str] = {}
+    for t in tasks:
+        why = withheld_sentence(metrics, t.task, family_tasks, floor)
+        if why is not None:
+            flags[t.task] = why
+    if "idh" in flags and "1p19q" not in flags and any(t.task == "1p19q" for t in tasks):
+        flags["1p19q"] = ("1p/19q not reported: the IDH status it depends on is not reported "
+                          "(WHO CNS5 reads 1p/19q only together with IDH)")
+    for task, why in flags.items():
+        log.info("%s withheld: %s", task, why)
+    return [t for t in tasks if t.task not in flags], [flags[t.task] for t in tasks if t.task in flags]
+
+
 def run_model(selection: Selection, case: PreprocessedCase, converted: Mapping[str, ConvertedSeries],
               cache: ModelCache, *, device: str | torch.device = "auto", autocast: bool = True,
-              key_slices: int | None = None) -> ModelResult:
+              key_slices: int | None = None, floor: FloorSettings | None = None) -> ModelResult:
     """Run one selected checkpoint on a case prepared with its spec, and say what it found.
 
     Raises :class:`models.checkpoint.CheckpointError` for a checkpoint that is
     refused (changed file) and ``ValueError`` for a case prepared with another
     spec; the caller records either as a failed model with the message.
     ``key_slices`` overrides the number of MMDLM key slices per role.
+    ``floor``: tasks whose checkpoint's held-out metrics fall under it are left out
+    (:func:`withhold_under_floor`); None checks nothing.
     """
     t0 = time.perf_counter()
     dev = resolve_device(device)
@@ -271,6 +322,8 @@ def run_model(selection: Selection, case: PreprocessedCase, converted: Mapping[s
         probs = {name: float(p[i]) for i, name in enumerate(names)}
         tasks.append(TaskResult(task=task, label=names[int(np.argmax(p))], probability=float(p[1]),
                                 probabilities=probs, calibrated=temperature is not None))
+    tasks, floor_flags = withhold_under_floor(tasks, ckpt.metrics, list(family.tasks), floor)
+    tasks, who_flags = who_consistent(tasks)
     keys, key_flags = _key_slices(case, pred.explanations, ckpt.input_roles, converted)
     info = selection.checkpoint
     result = ModelResult(
@@ -278,7 +331,7 @@ def run_model(selection: Selection, case: PreprocessedCase, converted: Mapping[s
         checkpoint_created=ckpt.created, input_roles=list(ckpt.input_roles), reason=selection.reason,
         tasks=tasks, key_slices=keys, training_data=dict(ckpt.training_data), metrics=dict(ckpt.metrics),
         device=str(dev), seconds=round(time.perf_counter() - t0, 4),
-        quality_flags=[*case.meta.get("quality_flags", []), *key_flags],
+        quality_flags=[*case.meta.get("quality_flags", []), *floor_flags, *who_flags, *key_flags],
         measurements=case_measurements(case.meta),
     )
     log.info("%s (%s...) ran on %s in %.2f s", family.name, ckpt.sha256[:12], dev, result.seconds)
@@ -335,4 +388,4 @@ def check_case_features(selection: Selection, case: PreprocessedCase, cache: Mod
 
 
 __all__ = ["FeatureCheck", "ModelCache", "OUTSIDE_SERIES_MM", "calibrate", "check_case_features", "resolve_device",
-           "run_model", "temperatures_of"]
+           "run_model", "temperatures_of", "who_consistent", "withhold_under_floor"]

@@ -229,3 +229,26 @@ def config_hash(config: Mapping[str, Any]) -> str:
     """16 hex digits over the canonical JSON of a config: the resume key of a run."""
     text = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+PREPROCESS_CHOICES: tuple[str, ...] = ("brats", "clinical", "clinical_no_n4")
+
+
+def with_preprocess(spec: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
+    """A protocol's spec in the form ``data.preprocess`` asks for.
+
+    ``brats``: as the family writes it (skull-stripped, co-registered input
+    such as BraTS); ``clinical``: its clinical variant
+    (``models.preprocess.clinical_variant``), so the checkpoint reads native
+    whole heads from a PACS; ``clinical_no_n4``: the same without N4, which on
+    2 CPU cores costs about a second per role and case (the demo uses it to
+    train in minutes). Training and the node then run the same chain.
+    """
+    from models.preprocess import clinical_variant, validate_spec
+
+    mode = str(config.get("data", {}).get("preprocess", "brats"))
+    if mode not in PREPROCESS_CHOICES:
+        raise ConfigError(f"data.preprocess: expected one of {list(PREPROCESS_CHOICES)}, got {mode!r}")
+    if mode == "brats":
+        return validate_spec(spec)
+    return clinical_variant(spec, bias_field=(mode == "clinical"))

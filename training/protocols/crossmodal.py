@@ -78,7 +78,7 @@ from training.loop import (
 )
 from training.metrics import binary_metrics
 from training.prepare import exclude_failed
-from training.protocols import ConfigError, RunOptions, config_hash, parse_amp
+from training.protocols import ConfigError, RunOptions, config_hash, parse_amp, with_preprocess
 from training.reports import (
     RowResult,
     load_predictions,
@@ -190,7 +190,7 @@ def caption_with_departures(base: str, departures: Sequence[str]) -> str:
 def prepare_specs(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """The one spec this protocol trains with, by name: what ``python -m training prepare crossmodal``
     prepares and ``run`` reads back."""
-    return {NAME: _spec(config)}
+    return {NAME: with_preprocess(_spec(config), config)}
 
 
 def _spec(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -490,7 +490,7 @@ def run(config: Mapping[str, Any], *, data_dir: Path, out_dir: Path, options: Ru
     # run.json: what the CLI's `evaluate` and `export` read to find the protocol of a run folder
     write_json(out_dir / "run.json", {"protocol": NAME, "config": config, "config_hash": run_key,
                                       "data_dir": str(data_dir)})
-    spec = _spec(config)
+    spec = prepare_specs(config)[NAME]
     cases = read_cases(Path(data_dir), ROLES, verify=str(config["data"]["verify"]), require="grade")
     # prepared once per case and spec (reused from `python -m training prepare`); failures excluded, listed
     cases, _ = exclude_failed(cases, {NAME: spec}, Path(config["data"]["cache_dir"] or out_dir / "cache"),

@@ -54,7 +54,7 @@ from torch.utils.data import Dataset
 
 from models.mmdlm import FAMILY, MMDLM, MMDLMLoss, l2_penalty
 from models.mmdlm.network import MMDLM_ROLES, MMDLM_TASKS
-from models.preprocess import PreprocessError, apply_spec
+from models.preprocess import PreprocessError, apply_spec, is_clinical
 from training.calibration import apply_temperature, temperature_fit
 from training.cases import Case, labels_array
 from training.data import Batch, CaseDataset, VolumeCache, make_loader, to_device
@@ -62,7 +62,7 @@ from training.export import export_model, gate_stats
 from training.loop import StepOutput, fit, make_optimizer, predict_loader, seed_everything
 from training.metrics import binary_metrics
 from training.prepare import exclude_failed
-from training.protocols import ConfigError, RunOptions, config_hash
+from training.protocols import ConfigError, RunOptions, config_hash, with_preprocess
 from training.protocols.crossmodal import (
     caption_with_departures,
     finite,
@@ -150,6 +150,17 @@ def tumour_slices(case: Case, spec: Mapping[str, Any]) -> np.ndarray | None:
         return None
     volumes: dict[str, Any] = {r: case.images[r] for r in ROLES if r != "T1CE"}
     volumes["T1CE"] = case.seg
+    if is_clinical(spec):
+        # The clinical chain registers every role onto a reference and extracts the brain on a
+        # T1-weighted role: both must be real images, never the label map riding in the T1CE slot.
+        # T2 is the reference here (the brain extraction of a skull-stripped BraTS-style case is its
+        # non-zero voxels); a label map keeps its non-zero voxels through N4's multiplicative field.
+        spec = copy.deepcopy(dict(spec))
+        for t in spec["transforms"]:
+            if t["name"] == "coregister":
+                t["reference"] = "T2"
+            elif t["name"] == "brain_extract":
+                t["role"] = "T2"
     try:
         pre = apply_spec(spec, volumes)
     except PreprocessError:
@@ -560,7 +571,7 @@ def prepare_specs(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """The one (slice) spec this protocol trains with, by name: what ``python -m training prepare
     mmdlm`` prepares and ``run`` reads back."""
     try:
-        return {NAME: FAMILY.spec_for(dict(config["model"]))}  # type: ignore[misc]
+        return {NAME: with_preprocess(FAMILY.spec_for(dict(config["model"])), config)}  # type: ignore[misc]
     except ValueError as exc:
         raise ConfigError(f"mmdlm: model hyper-parameters do not give a spec: {exc}") from exc
 

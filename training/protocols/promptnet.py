@@ -64,7 +64,7 @@ from training.loop import (
 )
 from training.metrics import binary_metrics, summary_dict
 from training.prepare import exclude_failed
-from training.protocols import ConfigError, RunOptions, config_hash, parse_amp
+from training.protocols import ConfigError, RunOptions, config_hash, parse_amp, with_preprocess
 from training.reports import RowResult, save_predictions, save_reliability_figure, save_roc_pr_figure, table1
 from training.splits import SplitPlan, repeated_holdout, stratified_kfold
 
@@ -131,8 +131,9 @@ def prepare_specs(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """The two specs this protocol trains with (the template's four roles, PromptNet's three), by
     family name: what ``python -m training prepare promptnet`` prepares and ``run`` reads back."""
     spacing = config["data"]["spacing"]
-    return {"fs3dcnn": spec_with_spacing(FS3D, model_hparams(config, "fs3dcnn"), spacing),
-            "promptnet": spec_with_spacing(PROMPTNET, model_hparams(config, "promptnet", "none"), spacing)}
+    return {"fs3dcnn": with_preprocess(spec_with_spacing(FS3D, model_hparams(config, "fs3dcnn"), spacing), config),
+            "promptnet": with_preprocess(spec_with_spacing(PROMPTNET, model_hparams(config, "promptnet", "none"),
+                                                           spacing), config)}
 
 
 def cache_root(config: Mapping[str, Any], out: Path) -> Path:
