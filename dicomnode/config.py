@@ -121,6 +121,10 @@ class Settings:
     gate_margin: float = 0.25  # widen each training range by this fraction of its width (each side) before declining
     gate_feature_factor: float = 1.0  # multiply the checkpoint's feature-distance threshold by this
     gate_unchecked: str = "decline"  # what nobody measured (no ranges in the checkpoint, old specs): decline | allow
+    # -- the floor: a checkpoint's own held-out (test) metrics, per task (models.gate.FloorSettings); 0 disables
+    floor_auc: float = 0.70  # a task whose held-out AUC is under this is not reported (grade: the model declines)
+    floor_sensitivity: float = 0.5  # likewise for held-out sensitivity
+    floor_specificity: float = 0.5  # likewise for held-out specificity
     destinations: tuple[DestinationSettings, ...] = ()
     dispatch_retry_initial_s: float = 10.0
     dispatch_retry_max_s: float = 600.0
@@ -350,6 +354,10 @@ def _validate(s: Settings) -> None:
         raise SettingsError(f"gate_feature_factor {s.gate_feature_factor!r} must be a finite number > 0")
     if s.gate_unchecked not in GATE_UNCHECKED_CHOICES:
         raise SettingsError(f"gate_unchecked {s.gate_unchecked!r} is not one of {', '.join(GATE_UNCHECKED_CHOICES)}")
+    for name in ("floor_auc", "floor_sensitivity", "floor_specificity"):
+        value = getattr(s, name)
+        if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+            raise SettingsError(f"{name} {value!r} must be a number from 0 to 1 (0 disables that check)")
     if s.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise SettingsError(f"log_level {s.log_level!r} is not DEBUG, INFO, WARNING or ERROR")
 

@@ -38,12 +38,17 @@ import numpy as np
 from models.measures import MEASURES, Measure, label_of, split
 
 __all__ = [
+    "FLOOR_METRICS",
     "FeatureStats",
+    "FloorSettings",
     "GateFinding",
     "GateSettings",
     "UNCHECKED",
     "case_measurements",
     "check_features",
+    "check_floor",
+    "heldout_metrics",
+    "withheld_sentence",
     "allowed_interval",
     "check_measurements",
     "feature_distance",
@@ -410,3 +415,139 @@ def feature_distance(gate: Mapping[str, Any] | None, features: np.ndarray | Sequ
     if not stats:
         return None
     return float(FeatureStats.from_dict(stats).distance(np.asarray(features, dtype=np.float64).reshape(1, -1))[0])
+
+
+# --------------------------------------------------------------------------- the floor (held-out metrics)
+
+#: the held-out metrics the floor checks, in the order reasons name them: (key in the metrics, label)
+FLOOR_METRICS: tuple[tuple[str, str], ...] = (("auc", "AUC"), ("sensitivity", "sensitivity"),
+                                              ("specificity", "specificity"))
+_DEFAULT_FLOOR: dict[str, float] = {"auc": 0.70, "sensitivity": 0.5, "specificity": 0.5}
+#: how reasons name the tasks (models.base.TASKS keys)
+TASK_TITLES: dict[str, str] = {"grade": "grade", "idh": "IDH", "1p19q": "1p/19q"}
+
+
+def _task_title(task: str) -> str:
+    return TASK_TITLES.get(task, task)
+
+
+@dataclass(frozen=True)
+class FloorSettings:
+    """The least a checkpoint must have shown on its HELD-OUT (test) cases, per task, to be trusted.
+
+    Why a floor: a checkpoint that validates (hash, spec, labels) can still be a model that learned
+    nothing (the suite's tiny checkpoints) or a degenerate one (every case called HGG: sensitivity
+    1.0, specificity 0.0). Its own held-out metrics, recorded by training, say so; the node refuses
+    to report a task under the floor rather than print a confident-looking guess. 0 disables a check.
+    """
+
+    auc: float = _DEFAULT_FLOOR["auc"]
+    sensitivity: float = _DEFAULT_FLOOR["sensitivity"]
+    specificity: float = _DEFAULT_FLOOR["specificity"]
+
+    def __post_init__(self) -> None:
+        for key, _ in FLOOR_METRICS:
+            v = getattr(self, key)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and 0.0 <= v <= 1.0):
+                raise ValueError(f"floor {key} must be a number in [0, 1], got {v!r}")
+
+    def floors(self) -> dict[str, float]:
+        """``{metric: floor}`` of the checks that are on (floor > 0)."""
+        return {key: float(getattr(self, key)) for key, _ in FLOOR_METRICS if getattr(self, key) > 0}
+
+    @property
+    def loosened(self) -> bool:
+        """True when any floor is below the design's default (the SR must say so)."""
+        return any(getattr(self, key) < _DEFAULT_FLOOR[key] for key, _ in FLOOR_METRICS)
+
+    def describe(self) -> str:
+        """One sentence for the SR saying how the floor was lowered ("" when it was not)."""
+        if not self.loosened:
+            return ""
+        parts = []
+        for key, label in FLOOR_METRICS:
+            v = float(getattr(self, key))
+            if v < _DEFAULT_FLOOR[key]:
+                now = "not checked" if v == 0 else f"{v:.2f}"
+                parts.append(f"held-out {label} {now} (default {_DEFAULT_FLOOR[key]:.2f})")
+        return "The floor on the models' held-out metrics was lowered at this site: " + "; ".join(parts) + "."
+
+
+def heldout_metrics(metrics: Mapping[str, Any] | None, task: str, tasks: Sequence[str]) -> dict[str, float]:
+    """The finite held-out (``metrics["test"]``) values of ``task`` that the floor checks.
+
+    Multi-task checkpoints (MMDLM) store ``metrics["test"][task]``; single-task ones
+    (``training.export`` for PromptNet, the 3D CNN, cross-modal) store the one task's metrics
+    directly in ``metrics["test"]``. NaN (e.g. an AUC over a test part with one class) counts as
+    not recorded.
+    """
+    test = (metrics or {}).get("test")
+    if not isinstance(test, Mapping):
+        return {}
+    per_task = test.get(task)
+    if isinstance(per_task, Mapping):
+        found: Mapping[str, Any] = per_task
+    elif len(tasks) == 1 and task in tasks and any(key in test for key, _ in FLOOR_METRICS):
+        found = test
+    else:
+        return {}
+    out: dict[str, float] = {}
+    for key, _ in FLOOR_METRICS:
+        v = found.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)):
+            out[key] = float(v)
+    return out
+
+
+def _and(words: Sequence[str]) -> str:
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def _floor_reasons(metrics: Mapping[str, Any] | None, task: str, tasks: Sequence[str], floor: FloorSettings,
+                   tag: str) -> list[GateFinding]:
+    """The findings of one task; ``tag`` (" (IDH)" or "") follows the metric's name in each reason."""
+    floors = floor.floors()
+    if not floors:
+        return []
+    checked = {k: v for k, v in heldout_metrics(metrics, task, tasks).items() if k in floors}
+    if not checked:
+        return [GateFinding(name=f"heldout/{task}", value=None, unit="1", low=None, high=None,
+                            reason=f"no held-out metrics recorded{tag}")]
+    labels = dict(FLOOR_METRICS)
+    out = [GateFinding(name=f"heldout_{k}/{task}", value=v, unit="1", low=floors[k], high=None,
+                       reason=f"held-out {labels[k]} {v:.2f}{tag} is under the floor {floors[k]:.2f}")
+           for k, v in checked.items() if v < floors[k]]
+    missing = [labels[k] for k, _ in FLOOR_METRICS if k in floors and k not in checked]
+    if out and missing:  # judged on what is stored: say what was not
+        last = out[-1]
+        out[-1] = GateFinding(name=last.name, value=last.value, unit=last.unit, low=last.low, high=last.high,
+                              reason=f"{last.reason} (held-out {_and(missing)} not recorded)")
+    return out
+
+
+def check_floor(metrics: Mapping[str, Any] | None, tasks: Sequence[str],
+                floor: FloorSettings = FloorSettings()) -> dict[str, list[GateFinding]]:
+    """``{task: findings}`` for each of ``tasks`` whose held-out metrics fall under ``floor`` (empty: all pass).
+
+    ``metrics`` is the checkpoint's ``metrics``; ``tasks`` the family's task names (models.base.TASKS
+    keys). Each finding's reason is one sentence, e.g. "held-out AUC 0.50 (grade) is under the floor
+    0.70"; its name is ``"heldout_<metric>/<task>"`` (``"heldout/<task>"``: nothing recorded), ``low``
+    the floor, ``high`` None. A task with none of the checked metrics recorded is under the floor
+    ("no held-out metrics recorded"); one lacking only some is judged on the rest. All floors 0:
+    nothing is checked.
+    """
+    out: dict[str, list[GateFinding]] = {}
+    for task in tasks:
+        findings = _floor_reasons(metrics, task, tasks, floor, f" ({_task_title(task)})")
+        if findings:
+            out[task] = findings
+    return out
+
+
+def withheld_sentence(metrics: Mapping[str, Any] | None, task: str, tasks: Sequence[str],
+                      floor: FloorSettings = FloorSettings()) -> str | None:
+    """``"IDH not reported: held-out AUC 0.57 is under the floor 0.70"`` (None: the task passes)."""
+    findings = _floor_reasons(metrics, task, tasks, floor, "")
+    if not findings:
+        return None
+    return f"{_task_title(task)} not reported: " + "; ".join(f.reason for f in findings)

@@ -212,17 +212,23 @@ class WorkerProcess:
 # Settings that let the tiny test checkpoints (old specs, "brain = nonzero voxels", made on a
 # skull-stripped synthetic cohort) grade make_phantom's whole heads: tests about transport and
 # durability set them explicitly, and the SR then says the gate was loosened.
-LOOSE_GATE: dict[str, Any] = {"gate_margin": 1000.0, "gate_feature_factor": 1000.0, "gate_unchecked": "allow"}
+# They learn nothing and record no held-out metrics, so the floor on those is off too (and the SR says so).
+NO_FLOOR: dict[str, Any] = {"floor_auc": 0.0, "floor_sensitivity": 0.0, "floor_specificity": 0.0}
+LOOSE_GATE: dict[str, Any] = {"gate_margin": 1000.0, "gate_feature_factor": 1000.0, "gate_unchecked": "allow",
+                              **NO_FLOOR}
 GATE_LOOSENED_TEXT = "The input gate was loosened at this site"
 # what dsrdump shows of the SR's item even when it shortens long texts (its default)
 GATE_LOOSENED_ITEM = '"Input gate loosened")="The input gate was loosened'
 
 
-def regate(src: Path, dst: Path, *, ranges: dict[str, list[float]] | None = None, drop: bool = False) -> str:
+def regate(src: Path, dst: Path, *, ranges: dict[str, list[float]] | None = None, drop: bool = False,
+           metrics: dict[str, Any] | None = None) -> str:
     """Copy a checkpoint with another ``extra["gate"]``, re-saved so its content hash stays valid.
 
     ``ranges`` replaces or adds training ranges (name -> [lo, hi]); ``drop``
-    removes the gate (a checkpoint from before the gate). Returns the new sha256.
+    removes the gate (a checkpoint from before the gate); ``metrics`` is merged
+    into the checkpoint's metrics (e.g. ``{"test": {...}}``: held-out metrics for
+    the node's floor). Returns the new sha256.
     """
     from models.checkpoint import load_checkpoint, save_checkpoint
 
@@ -236,4 +242,4 @@ def regate(src: Path, dst: Path, *, ranges: dict[str, list[float]] | None = None
         extra["gate"] = gate
     dst.parent.mkdir(parents=True, exist_ok=True)
     return save_checkpoint(dst, ck.model, ck.family.name, ck.hparams, ck.spec, training_data=ck.training_data,
-                           metrics=ck.metrics, temperature=ck.temperature, extra=extra)
+                           metrics={**ck.metrics, **(metrics or {})}, temperature=ck.temperature, extra=extra)

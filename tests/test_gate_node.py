@@ -20,11 +20,14 @@ import pytest
 
 from checkpoints import tiny_checkpoints
 from conftest import dcmtk_tool
-from nodeutil import GATE_LOOSENED_TEXT, LOOSE_GATE, NodeProcess, free_port, regate
+from nodeutil import GATE_LOOSENED_TEXT, LOOSE_GATE, NO_FLOOR, NodeProcess, free_port, regate
 from pacs import Orthanc
 from test_e2e import check_sc, check_sr, reports_in, route, study_files, tools, wait  # noqa: F401 (fixture)
 
 THIN_T2 = {"slice_thickness_mm/T2": [1.0, 1.0]}
+# held-out metrics above the node's default floor, so the default gate is about the measurements alone
+# (the tiny checkpoints record none: the floor would decline them too)
+HELDOUT_OK = {"test": {"auc": 0.9, "sensitivity": 0.8, "specificity": 0.8}}
 SLICE_REASON = re.compile(r"slice thickness \(T2\) (\d+\.\d) mm; this model was trained on 1\.0-1\.0 mm")
 
 
@@ -79,8 +82,8 @@ def test_a_study_outside_the_training_ranges_gets_a_cannot_grade_sr_naming_the_m
         pacs: tuple[Orthanc, int], ckpt_dir: Path, tmp_path: Path) -> None:
     orthanc, port = pacs
     ckpts = tmp_path / "ckpts"
-    regate(ckpt_dir / "promptnet-tiny.pt", ckpts / "promptnet-thin.pt", ranges=THIN_T2)
-    node = start_node(tmp_path, orthanc, port, ckpts)  # the default gate: nothing loosened
+    regate(ckpt_dir / "promptnet-tiny.pt", ckpts / "promptnet-thin.pt", ranges=THIN_T2, metrics=HELDOUT_OK)
+    node = start_node(tmp_path, orthanc, port, ckpts)  # the default gate and floor: nothing loosened
     try:
         study = route(orthanc, study_files(tmp_path / "study", roles=("T1", "T2", "FLAIR"), seed=21))
         srs = wait("SR in Orthanc", lambda: reports_in(orthanc, study), 240)
@@ -139,7 +142,8 @@ def test_a_declined_model_never_shows_a_grade_in_the_sr_or_the_status(pacs: tupl
     regate(ckpt_dir / "fs3dcnn-tiny.pt", ckpts / "fs3dcnn-thin.pt", ranges=THIN_T2)
     regate(ckpt_dir / "mmdlm-tiny.pt", ckpts / "mmdlm-tiny.pt")  # its own training ranges, unchanged
     # the ranges at their default margin; the old specs' unmeasured input and the tiny models' features allowed
-    node = start_node(tmp_path, orthanc, port, ckpts, gate_unchecked="allow", gate_feature_factor=1000.0)
+    node = start_node(tmp_path, orthanc, port, ckpts, gate_unchecked="allow", gate_feature_factor=1000.0,
+                      **NO_FLOOR)
     try:
         study = route(orthanc, study_files(tmp_path / "study", seed=22))
         srs = wait("SR in Orthanc", lambda: reports_in(orthanc, study), 240)

@@ -56,6 +56,19 @@ def gate_settings(settings: Settings) -> Any:
                         unchecked=settings.gate_unchecked)
 
 
+def floor_settings(settings: Settings) -> Any:
+    """The node's floor on held-out metrics as :class:`models.gate.FloorSettings` (validated there too)."""
+    from models.gate import FloorSettings
+
+    return FloorSettings(auc=settings.floor_auc, sensitivity=settings.floor_sensitivity,
+                         specificity=settings.floor_specificity)
+
+
+def loosened_text(gate: Any, floor: Any) -> str | None:
+    """The SR's sentence(s) saying what this site loosened: the input gate and/or the floor (None: nothing)."""
+    return " ".join(t for t in (gate.describe(), floor.describe()) if t) or None
+
+
 def _reasons(findings: Any) -> list[dict[str, Any]]:
     """Gate findings as plain data for plan.json (the fields of :class:`GateReason`)."""
     return [{"name": f.name, "value": f.value, "unit": f.unit, "low": f.low, "high": f.high, "reason": f.reason}
@@ -193,17 +206,18 @@ def step_preprocess(rt: Runtime, info: VersionInfo) -> dict[str, Any]:
     import json
 
     from models.clinical import DirCache
-    from models.gate import case_measurements
+    from models.gate import case_measurements, check_floor
 
     from ..process.prepare import gate_case, prepare, save_case
 
     converted = _converted(rt, info)
     available = [r for r in ROLES if r in converted and converted[r].nifti is not None]
     gs = gate_settings(rt.settings)
+    floor = floor_settings(rt.settings)
     plan: dict[str, Any] = {"available": available,
                             "decisions": [{"family": d.family, "runs": d.runs, "reason": d.reason}
                                           for d in rt.registry.explain(available)],
-                            "runs": [], "gate_loosened": gs.describe() or None}
+                            "runs": [], "gate_loosened": loosened_text(gs, floor)}
     prep_dir = rt.work_dir(info) / "prep"
     prep_dir.mkdir(exist_ok=True)
     for sel in rt.registry.select(available):
@@ -221,6 +235,11 @@ def step_preprocess(rt: Runtime, info: VersionInfo) -> dict[str, Any]:
             entry["flags"] = list(case.meta.get("quality_flags", []))
             entry["measurements"] = case_measurements(case.meta)
             entry["gate"] = _reasons(gate_case((ck.extra or {}).get("gate"), ck.spec, case, gs))
+            # the floor: a model whose GRADE the checkpoint's held-out metrics do not support is declined
+            # (with every task's reasons); a weaker IDH or 1p/19q alone is withheld at inference
+            under = check_floor(ck.metrics, list(sel.family.tasks), floor)
+            if "grade" in under:
+                entry["gate"] += _reasons([f for fs in under.values() for f in fs])
             if entry["gate"]:
                 log.info("study %d version %d: %s declined by the gate (%d finding(s))", info.study_id,
                          info.version, sel.family.name, len(entry["gate"]))
@@ -273,6 +292,7 @@ def step_infer(rt: Runtime, info: VersionInfo) -> dict[str, Any]:
     converted = _converted(rt, info)
     by_sha = {c.sha256: c for c in rt.registry.checkpoints}
     gs = gate_settings(rt.settings)
+    floor = floor_settings(rt.settings)
     results: list[ModelResult] = []
     declined: list[Declined] = []
     flags: list[str] = []
@@ -307,7 +327,7 @@ def step_infer(rt: Runtime, info: VersionInfo) -> dict[str, Any]:
                          family.name)
                 declined.append(decline(_reasons([check.finding]), "features", case.meta.get("quality_flags", [])))
                 continue
-            result = run_model(sel, case, converted, rt.cache, device=rt.settings.device)
+            result = run_model(sel, case, converted, rt.cache, device=rt.settings.device, floor=floor)
         except Exception as exc:
             log.warning("study %d version %d: %s failed: %s", info.study_id, info.version, run["family"], exc)
             flags.append(f"{run['family']} did not run: inference failed ({type(exc).__name__}: {exc})")
@@ -323,7 +343,7 @@ def step_infer(rt: Runtime, info: VersionInfo) -> dict[str, Any]:
         reasons = [d.sentence() for d in declined]
         reasons += [d["reason"] for d in plan["decisions"] if not d["runs"]] + conversion_errors + flags
         cannot = ("No model could grade this study. " + " ".join(reasons)).strip()
-    loosened = (gs.describe() or plan.get("gate_loosened")) if gated else None
+    loosened = (loosened_text(gs, floor) or plan.get("gate_loosened")) if gated else None
     result = VersionResult(
         study_instance_uid=info.study_instance_uid, study_id=info.study_id, version=info.version,
         inputs=_input_series(rt, info, converted), available_roles=available, missing_roles=missing,
