@@ -13,6 +13,7 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -93,3 +94,18 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
         openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
                 "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext", cwd=d)
     return d
+
+
+@pytest.fixture
+def pacs(tmp_path: Path) -> Iterator[tuple[Any, int]]:
+    """A real Orthanc on a free loopback port (the PACS of the node tests), stopped after the test."""
+    from nodeutil import free_port
+    from pacs import Orthanc
+
+    need(shutil.which("Orthanc") is not None, "Orthanc (Debian package orthanc)")
+    need(shutil.which("dciodvfy") is not None, "dciodvfy (Debian package dicom3tools)")
+    dcmtk_tool("dsrdump")
+    port = free_port()
+    orthanc = Orthanc(tmp_path / "pacs", port)
+    yield orthanc, port
+    orthanc.stop()

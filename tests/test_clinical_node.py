@@ -14,29 +14,20 @@ from __future__ import annotations
 
 import re
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from checkpoints import tiny_checkpoints
 from conftest import dcmtk_tool
-from nodeutil import NodeProcess, free_port, regate
+from nodeutil import NodeProcess, regate
 from pacs import Orthanc
-from test_e2e import check_sr, reports_in, route, tools, wait  # noqa: F401 (fixture)
+from test_e2e import check_sr, reports_in, route, wait
 
 
 @pytest.fixture(scope="session")
 def clinical_ckpts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_checkpoints(tmp_path_factory, ("fs3dcnn", "mmdlm"), clinical=True)
-
-
-@pytest.fixture
-def pacs(tmp_path: Path, tools: None) -> Iterator[tuple[Orthanc, int]]:
-    port = free_port()
-    orthanc = Orthanc(tmp_path / "pacs", port)
-    yield orthanc, port
-    orthanc.stop()
 
 
 def head_study(out: Path, *, style: str, vendor: str = "siemens", seed: int = 5,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -155,18 +154,6 @@ def ckpt_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_checkpoints(tmp_path_factory)
 
 
-@pytest.fixture
-def pacs(tmp_path: Path, tools: None) -> Iterator[tuple[object, int]]:
-    from nodeutil import free_port
-    from pacs import Orthanc
-
-    port = free_port()
-    orthanc = Orthanc(tmp_path / "pacs", port)
-    yield orthanc, port
-    orthanc.stop()
-
-
-from test_e2e import tools  # noqa: E402,F401 (fixture)
 
 
 @pytest.mark.slow

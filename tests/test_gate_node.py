@@ -13,16 +13,15 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from checkpoints import tiny_checkpoints
 from conftest import dcmtk_tool
-from nodeutil import GATE_LOOSENED_TEXT, LOOSE_GATE, NO_FLOOR, NodeProcess, free_port, regate
+from nodeutil import GATE_LOOSENED_TEXT, LOOSE_GATE, NO_FLOOR, NodeProcess, regate
 from pacs import Orthanc
-from test_e2e import check_sc, check_sr, reports_in, route, study_files, tools, wait  # noqa: F401 (fixture)
+from test_e2e import check_sc, check_sr, reports_in, route, study_files, wait  # noqa: F401
 
 THIN_T2 = {"slice_thickness_mm/T2": [1.0, 1.0]}
 # held-out metrics above the node's default floor, so the default gate is about the measurements alone
@@ -34,14 +33,6 @@ SLICE_REASON = re.compile(r"slice thickness \(T2\) (\d+\.\d) mm; this model was 
 @pytest.fixture(scope="session")
 def ckpt_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_checkpoints(tmp_path_factory)
-
-
-@pytest.fixture
-def pacs(tmp_path: Path, tools: None) -> Iterator[tuple[Orthanc, int]]:
-    port = free_port()
-    orthanc = Orthanc(tmp_path / "pacs", port)
-    yield orthanc, port
-    orthanc.stop()
 
 
 def start_node(tmp_path: Path, orthanc: Orthanc, port: int, ckpts: Path, **gate: object) -> NodeProcess:
