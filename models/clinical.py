@@ -40,7 +40,7 @@ import functools
 import hashlib
 import json
 import math
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Mapping, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -386,15 +386,21 @@ def _mask_role(case: _Case, wanted: str) -> str:
     return min(candidates, key=lambda r: (float(zooms_of(case.affines[r]).max()), r != "T1"))
 
 
-def _iso_grid(shape: tuple[int, ...], affine: np.ndarray, spacing: float) -> tuple[tuple[int, ...], np.ndarray]:
-    """The same field of view at ``spacing`` mm, same axis directions (corner-aligned)."""
+def regrid(shape: tuple[int, ...], affine: np.ndarray,
+           spacing: float | Sequence[float]) -> tuple[tuple[int, int, int], np.ndarray]:
+    """The same field of view at ``spacing`` mm (one number or one per axis), same axis directions.
+
+    Corner-aligned: the outer edge of the field of view stays where it was, so
+    a resampled volume covers exactly the anatomy the original did.
+    """
     zooms = zooms_of(affine)
-    new_shape = tuple(int(max(1, round(n * z / spacing))) for n, z in zip(shape, zooms))
+    step = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (3,))
+    new_shape = tuple(int(max(1, round(n * z / s))) for n, z, s in zip(shape, zooms, step))
     new_aff = np.eye(4)
-    new_aff[:3, :3] = affine[:3, :3] / zooms * spacing
+    new_aff[:3, :3] = affine[:3, :3] / zooms * step
     corner = affine[:3, :3] @ np.full(3, -0.5) + affine[:3, 3]
     new_aff[:3, 3] = corner - new_aff[:3, :3] @ np.full(3, -0.5)
-    return new_shape, new_aff
+    return (new_shape[0], new_shape[1], new_shape[2]), new_aff
 
 
 def _run_deepbet(data: np.ndarray, threshold: float) -> np.ndarray:
@@ -437,7 +443,7 @@ def brain_extract(case: _Case, p: dict[str, Any]) -> dict[str, Any]:
             if np.allclose(zooms, DEEPBET_SPACING_MM, atol=0.2):
                 iso, iso_aff = data, affine
             else:
-                shape, iso_aff = _iso_grid(data.shape, affine, DEEPBET_SPACING_MM)
+                shape, iso_aff = regrid(data.shape, affine, DEEPBET_SPACING_MM)
                 iso = sample(data, np.linalg.inv(affine) @ iso_aff, shape, order=1)
             return _run_deepbet(iso, p["threshold"]), iso_aff
 
@@ -474,7 +480,7 @@ def template_grid(name: str, spacing: list[float]) -> tuple[tuple[int, int, int]
     """The template's field of view at ``spacing`` (corner-aligned with the 1 mm template)."""
     _, _, aff = template(name, 1)
     shape = template(name, 1)[0].shape
-    return _iso_grid_aniso(shape, aff, np.asarray(spacing, dtype=np.float64))
+    return regrid(shape, aff, spacing)
 
 
 @functools.lru_cache(maxsize=4)
@@ -486,17 +492,6 @@ def template_on_grid(name: str, spacing: tuple[float, float, float]) -> tuple[np
         return t1, tmask
     m = np.linalg.inv(taff) @ out_aff
     return sample(t1, m, shape, order=1), sample(tmask.astype(np.float32), m, shape, order=1) > 0.5
-
-
-def _iso_grid_aniso(shape: tuple[int, ...], affine: np.ndarray,
-                    spacing: np.ndarray) -> tuple[tuple[int, int, int], np.ndarray]:
-    zooms = zooms_of(affine)
-    new_shape = tuple(int(max(1, round(n * z / s))) for n, z, s in zip(shape, zooms, spacing))
-    new_aff = np.eye(4)
-    new_aff[:3, :3] = affine[:3, :3] / zooms * spacing
-    corner = affine[:3, :3] @ np.full(3, -0.5) + affine[:3, 3]
-    new_aff[:3, 3] = corner - new_aff[:3, :3] @ np.full(3, -0.5)
-    return (int(new_shape[0]), int(new_shape[1]), int(new_shape[2])), new_aff
 
 
 def _register_affine(ref: np.ndarray, ref_aff: np.ndarray, name: str, p: Mapping[str, Any]) -> tuple[np.ndarray, float]:

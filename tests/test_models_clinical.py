@@ -14,6 +14,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from conftest import need
 from models import clinical
 from models.casefile import load_case, save_case
 from models.measures import describe, format_value, label_of
@@ -112,11 +113,10 @@ def test_cache_reuses_expensive_results(tmp_path: Path) -> None:
     assert first.meta["measurements"]["atlas_dice"] > 0.8
 
 
-@pytest.mark.skipif(not REAL.is_dir(), reason="../shared/data/real is not here (never the case in CI)")
 def test_real_siemens_head(tmp_path: Path) -> None:
     """The real MPRAGE + FLAIR head: deepbet mask 1,000-1,900 ml, FLAIR registered, a picture for a person."""
-    if shutil.which("dcm2niix") is None:
-        pytest.fail("dcm2niix is required (installed by .ci/run)")
+    need(REAL.is_dir(), f"{REAL} not present (skipped locally without ../shared, fails in CI)")
+    need(shutil.which("dcm2niix") is not None, "dcm2niix (Debian package dcm2niix, installed by .ci/run)")
     subprocess.run(["dcm2niix", "-o", str(tmp_path), "-f", "%d", "-z", "n", str(REAL)], check=True,
                    capture_output=True)
     t1 = next(tmp_path.glob("MPRAGE*.nii"))

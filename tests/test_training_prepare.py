@@ -229,9 +229,6 @@ def test_clinical_spec_through_the_cache(cohort: Path, tmp_path: Path) -> None:
     the cached arrays are byte-identical to ``apply_spec`` without a memo, and the measurements and
     the template mask survive."""
     import models.preprocess as mp
-
-    if not hasattr(mp, "clinical_volume_spec"):
-        pytest.skip("models.preprocess has no clinical specs yet")
     from training.prepare import _init_worker
 
     _init_worker(1)  # one torch (deepbet) and ITK thread: the 2-core machine is shared

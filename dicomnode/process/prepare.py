@@ -81,13 +81,29 @@ def _source_measures(spec: Mapping[str, Any], niftis: Mapping[str, Path]) -> dic
     return out
 
 
+def _whole_head(spec: Mapping[str, Any], measures: Mapping[str, Mapping[str, Any]],
+                thresholds: QualityThresholds) -> dict[str, float]:
+    """Roles whose nonzero share says "whole head", for a spec that takes nonzero voxels as the brain.
+
+    One rule for the quality flag and the gate finding: a clinical spec extracts the
+    brain, so a whole head is what it expects and nothing is returned for it.
+    """
+    if not _nonzero_mask(spec):
+        return {}
+    return {r: float(m["mask_fraction"]) for r, m in measures.items()
+            if "mask_fraction" in m and float(m["mask_fraction"]) > thresholds.max_mask_fraction}
+
+
+def _brain_cut(case: PreprocessedCase) -> bool:
+    return any(step.get("name") == "crop_or_pad" and step.get("brain_truncated") for step in case.meta.get("steps", []))
+
+
 def quality_flags(spec: Mapping[str, Any], case: PreprocessedCase, measures: Mapping[str, Mapping[str, Any]],
                   thresholds: QualityThresholds = QualityThresholds()) -> list[str]:
     """The flags for one prepared case: one sentence each, in a stable order."""
     flags: list[str] = []
-    fractions = {r: m["mask_fraction"] for r, m in measures.items() if "mask_fraction" in m}
-    big = {r: f for r, f in fractions.items() if f > thresholds.max_mask_fraction}
-    if big and _nonzero_mask(spec):  # a clinical spec extracts the brain: a whole head is what it expects
+    big = _whole_head(spec, measures, thresholds)
+    if big:
         share = ", ".join(f"{r} {f:.0%}" for r, f in big.items())
         flags.append(f"input does not look skull-stripped; the brain mask is the whole head (nonzero share of the "
                      f"field of view: {share}; skull-stripped training data: under "
@@ -99,9 +115,8 @@ def quality_flags(spec: Mapping[str, Any], case: PreprocessedCase, measures: Map
     bad = {r: m["nonfinite_voxels"] for r, m in measures.items() if m.get("nonfinite_voxels")}
     if bad:
         flags.append("non-finite voxels (NaN/inf, set to 0): " + ", ".join(f"{r} {n}" for r, n in bad.items()))
-    for step in case.meta.get("steps", []):
-        if step.get("name") == "crop_or_pad" and step.get("brain_truncated"):
-            flags.append("the brain extends beyond the model's field of view and was cut")
+    if _brain_cut(case):
+        flags.append("the brain extends beyond the model's field of view and was cut")
     sl = case.meta.get("slices")
     if sl and int(sl.get("real", 0)) < int(sl.get("count", 0)):
         flags.append(f"only {sl['real']} brain slices for a bag of {sl['count']} (the rest is padding)")
@@ -172,21 +187,17 @@ def quality_findings(spec: Mapping[str, Any], case: PreprocessedCase, settings: 
     from models.gate import GateFinding
 
     out: list[Any] = []
-    quality = case.meta.get("quality") or {}
-    fractions = {r: float(m["mask_fraction"]) for r, m in quality.items() if "mask_fraction" in m}
-    big = {r: f for r, f in fractions.items() if f > thresholds.max_mask_fraction}
-    if big and _nonzero_mask(spec) and (is_clinical(spec) or settings.unchecked != "allow"):
+    big = _whole_head(spec, case.meta.get("quality") or {}, thresholds)
+    if big and (is_clinical(spec) or settings.unchecked != "allow"):
         share = ", ".join(f"{r} {f:.0%}" for r, f in big.items())
         out.append(GateFinding(
             name="nonzero_share", value=max(big.values()), unit="1", low=None, high=thresholds.max_mask_fraction,
             reason=f"input does not look skull-stripped (nonzero share of the field of view: {share}); this "
                    f"model finds the brain as nonzero voxels and was trained on skull-stripped volumes "
                    f"(under {thresholds.max_mask_fraction:.0%})"))
-    for step in case.meta.get("steps", []):
-        if step.get("name") == "crop_or_pad" and step.get("brain_truncated"):
-            out.append(GateFinding(name="brain_cut", value=None, unit="1", low=None, high=None,
-                                   reason="the brain extends beyond the model's field of view and would be cut"))
-            break
+    if _brain_cut(case):
+        out.append(GateFinding(name="brain_cut", value=None, unit="1", low=None, high=None,
+                               reason="the brain extends beyond the model's field of view and would be cut"))
     return out
 
 
