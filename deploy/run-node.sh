@@ -7,10 +7,13 @@
 # instead, e.g. `bash deploy/run-node.sh demo` (the README's "run it").
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ ! -x .venv/bin/dicomnode ]; then
-  python3 -m venv .venv
+# (re)install when the venv is new or pyproject.toml changed since (new dependencies, e.g. deepbet)
+stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
+if [ ! -x .venv/bin/dicomnode ] || [ ! -f "$stamp" ]; then
+  [ -x .venv/bin/python ] || python3 -m venv .venv
   .venv/bin/pip install -q torch==2.13.0
   .venv/bin/pip install -q -e .
+  rm -f .venv/.installed-* && touch "$stamp"
 fi
 if [ $# -gt 0 ] && [[ "$1" != -* ]]; then
   exec .venv/bin/dicomnode "$@"
