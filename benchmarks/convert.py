@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from dicomnode.process.convert import DCM2NIIX, DICOM2NIFTI, convert_series  # noqa: E402
+from dicomnode.stages.convert import DCM2NIIX, DICOM2NIFTI, convert_series  # noqa: E402
 from dicomnode.synth import make_phantom, write_study  # noqa: E402
 
 

@@ -11,8 +11,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import Settings, SettingsError, load_settings
-from .logs import setup_logging
+from dicomnode.config import Settings, SettingsError, load_settings
+from dicomnode.logs import setup_logging
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -28,7 +28,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     setup_logging(settings.log_level, settings.log_json)
     from sqlalchemy.exc import SQLAlchemyError
 
-    from .node import Node
+    from dicomnode.node import Node
 
     try:
         node = Node(settings)
@@ -42,7 +42,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     settings = _settings(args)
     setup_logging(settings.log_level, settings.log_json)
-    from .pipeline.service import run_worker
+    from dicomnode.runtime.service import run_worker
 
     queues = [q.strip() for q in args.queues.split(",") if q.strip()]
     if not queues or any(q not in ("cpu", "gpu") for q in queues):
@@ -59,9 +59,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_retry(args: argparse.Namespace) -> int:
     """Operator action: failed (parked) pipeline steps and parked deliveries back into the queue."""
     settings = _settings(args)
-    from .dispatch import Outbox
-    from .index import Index
-    from .pipeline.service import Pipeline
+    from dicomnode.stages.dispatch import Outbox
+    from dicomnode.index.studies import Index
+    from dicomnode.runtime.service import Pipeline
 
     index = Index(settings.index_url)
     try:
@@ -77,10 +77,10 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
-    from .scu import Destination, echo
+    from dicomnode.dicom.scu import Destination, echo
 
     if args.destinations:
-        from .dispatch import echo_destinations
+        from dicomnode.dicom.peer import echo_destinations
 
         settings = _settings(args)
         if not settings.destinations:
@@ -104,7 +104,7 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    from .scu import Destination, send
+    from dicomnode.dicom.scu import Destination, send
 
     try:
         dest = Destination.parse(args.to)
@@ -121,13 +121,13 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .index import Index
+    from dicomnode.index.studies import Index
 
     settings = _settings(args)
     if settings.database_url is None and not (settings.data_path / "index.sqlite3").exists():
         doc: dict = {"schema": "dicomnode.status/1", "generated_at": None, "studies": []}
     else:
-        from .pipeline.monitor import full_status
+        from dicomnode.runtime.monitor import full_status
 
         index = Index(settings.index_url)
         try:
@@ -173,7 +173,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_events(args: argparse.Namespace) -> int:
-    from .index import Index
+    from dicomnode.index.studies import Index
 
     settings = _settings(args)
     index = Index(settings.index_url)
@@ -191,7 +191,7 @@ def cmd_events(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from .synth import make_phantom, write_study
+    from dicomnode.synth import make_phantom, write_study
 
     if not args.head:
         if args.case_dir is not None or args.geometry is not None:
@@ -222,7 +222,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     settings = _settings(args)
     setup_logging("WARNING" if not args.verbose else settings.log_level, settings.log_json)
-    from .demo import run_demo
+    from dicomnode.demo import run_demo
 
     workdir = Path(args.workdir)
     if settings.data_dir == Settings().data_dir:  # the demo keeps its data apart from a real node's

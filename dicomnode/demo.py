@@ -28,7 +28,7 @@ from pynetdicom import AE, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
-from .config import Settings
+from dicomnode.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def held_out_study(case_dir: Path, out_dir: Path, *, roles: tuple[str, ...], see
     """
     from pydicom.uid import generate_uid
 
-    from .synth import write_study
+    from dicomnode.synth import write_study
 
     volumes: dict[str, np.ndarray] = {}
     affine = None
@@ -112,10 +112,10 @@ def run_demo(settings: Settings, workdir: Path, *, without_t1ce: bool = False, t
     """Everything the module docstring says; returns a process exit code."""
     from models.registry import CheckpointRegistry
 
-    from .node import Node
-    from .pipeline.monitor import full_status
-    from .report.render import describe, render_html, summary_png
-    from .scu import Destination, send
+    from dicomnode.node import Node
+    from dicomnode.runtime.monitor import full_status
+    from dicomnode.stages.report.render import describe, render_html, summary_png
+    from dicomnode.dicom.scu import Destination, send
 
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)

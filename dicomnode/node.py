@@ -6,13 +6,14 @@ import signal
 import threading
 from types import FrameType
 
-from .assemble import Assembler
-from .config import Settings
-from .dispatch import Dispatcher, Outbox
-from .index import DueVersion, Index
-from .pipeline.service import Pipeline
-from .receive import StorageSCP
-from .spool import Spool
+from dicomnode.assemble.completion import Assembler
+from dicomnode.config import Settings
+from dicomnode.runtime.dispatcher import Dispatcher
+from dicomnode.stages.dispatch import Outbox
+from dicomnode.index.studies import DueVersion, Index
+from dicomnode.runtime.service import Pipeline
+from dicomnode.dicom.scp import StorageSCP
+from dicomnode.spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ class Node:
         The validated registry is handed to the in-process worker, which then
         does not hash the same weights again.
         """
-        from .pipeline.stages import checkpoint_listing, open_registry
+        from dicomnode.runtime.runner import checkpoint_listing, open_registry
 
         path = self.settings.checkpoints_path
         listing = checkpoint_listing(self.settings)

@@ -13,7 +13,7 @@ back out of it, checked against what ``meta`` records (``atlas_scale`` is
 ``|det A|^(1/3)``; the mask's volume is ``brain_volume_ml``).
 
 Real parts only: ``dicomnode.synth.write_study`` writes the study, the node's
-conversion stage (``dicomnode.process.convert.convert_version``: dicom2nifti)
+conversion stage (``dicomnode.stages.convert.convert_version``: dicom2nifti)
 reads it back, ``models.preprocess.apply_spec`` prepares it (SimpleITK, deepbet,
 nilearn's MNI152). Tests may import both sides of the house (dicomnode and
 training); the layering rule binds the packages, not the tests.
@@ -66,7 +66,7 @@ def write_and_convert(writer_args: Mapping[str, Any], out: Path, *, vendor: str,
     slice thickness, acquisition type). Returns role -> NIfTI path, and the seconds each half took with
     the converter that read the series back (``converter``: dicom2nifti unless it failed and dcm2niix ran).
     """
-    from dicomnode.process.convert import convert_version
+    from dicomnode.stages.convert import convert_version
     from dicomnode.synth import write_study
 
     args = dict(writer_args)

@@ -2,7 +2,7 @@
 
 Whole synthetic heads (``training.heads``) in the native geometry of three
 vendors, written as DICOM (``dicomnode.synth.write_study``), converted as the
-node converts (``dicomnode.process.convert.convert_version``: dicom2nifti),
+node converts (``dicomnode.stages.convert.convert_version``: dicom2nifti),
 prepared with ``models.preprocess.clinical_volume_spec`` (N4, rigid
 co-registration, deepbet, affine to nilearn's MNI152), and compared with the
 truth they were built around. No mocks: every part is the one the node runs.
@@ -313,7 +313,7 @@ def test_gate_declines_the_real_shoulder_series(work: Path, gate: dict[str, Any]
     the node converts it: declined with a named measurement (brain volume, atlas fit, coverage)."""
     import pydicom
 
-    from dicomnode.process.convert import convert_version
+    from dicomnode.stages.convert import convert_version
 
     src = REAL_DATA / "hitachi_echelon_SE_SHOULDER" / "dcm"
     need(src.is_dir(), f"{src} not present (the shared real data)")

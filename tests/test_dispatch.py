@@ -27,11 +27,11 @@ from pynetdicom.sop_class import MRImageStorage, SecondaryCaptureImageStorage, V
 
 from conftest import dcmtk_tool, need
 from dicomnode.config import Settings
-from dicomnode.dispatch import (
-    PARKED, PENDING, SENT, Delivery, Dispatcher, Outbox, backoff_s, classify_status, echo_destinations,
-)
-from dicomnode.dispatch.outcome import Verdict
-from dicomnode.index import Index
+from dicomnode.dicom.peer import echo_destinations
+from dicomnode.dicom.status import Verdict, backoff_s, classify_status
+from dicomnode.runtime.dispatcher import Dispatcher
+from dicomnode.stages.dispatch import PARKED, PENDING, SENT, Delivery, Outbox
+from dicomnode.index.studies import Index
 from nodeutil import free_port
 from pacs import Orthanc
 

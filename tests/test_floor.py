@@ -86,7 +86,7 @@ def test_floor_settings_validate_disable_and_describe() -> None:
 
 def test_node_settings_reach_the_floor(tmp_path: Path) -> None:
     from dicomnode.config import SettingsError, load_settings
-    from dicomnode.pipeline.stages import floor_settings, gate_settings, loosened_text
+    from dicomnode.runtime.runner import floor_settings, gate_settings, loosened_text
 
     default = load_settings(None, environ={})
     assert floor_settings(default) == FloorSettings()
@@ -106,8 +106,8 @@ def test_node_settings_reach_the_floor(tmp_path: Path) -> None:
 
 
 def test_withheld_tasks_leave_no_label_anywhere() -> None:
-    from dicomnode.pipeline.results import TaskResult
-    from dicomnode.process.infer import who_consistent, withhold_under_floor
+    from dicomnode.handoff import TaskResult
+    from dicomnode.stages.infer import who_consistent, withhold_under_floor
 
     def task(name: str, label: str, p: float) -> TaskResult:
         from models.base import TASKS

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydicom.uid import generate_uid
 
-from dicomnode.index import Index, InstanceMeta
+from dicomnode.index.studies import Index, InstanceMeta
 from nodeutil import NodeProcess, mr_dataset, store
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -104,7 +104,7 @@ def test_node_on_postgresql(tmp_path: Path, pg_url: str) -> None:
 
 
 def test_id_cache_is_bounded() -> None:
-    from dicomnode.index import BoundedCache
+    from dicomnode.index.studies import BoundedCache
 
     cache = BoundedCache(3)
     for k in range(10):

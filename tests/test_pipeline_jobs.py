@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from pydicom.uid import generate_uid
 
-from dicomnode.index import Index, InstanceMeta
-from dicomnode.pipeline.jobs import Jobs, holder_id, holder_is_dead
+from dicomnode.index.studies import Index, InstanceMeta
+from dicomnode.index.jobs import Jobs, holder_id, holder_is_dead
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -20,11 +20,11 @@ import torch
 
 from checkpoints import tiny_checkpoints
 from conftest import need
-from dicomnode.pipeline.results import ModelResult
-from dicomnode.process.convert import (DCM2NIIX, DICOM2NIFTI, MANIFEST_NAME, ConvertedSeries, convert_series,
+from dicomnode.handoff import ModelResult
+from dicomnode.stages.convert import (DCM2NIIX, DICOM2NIFTI, MANIFEST_NAME, ConvertedSeries, convert_series,
                                        convert_version)
-from dicomnode.process.infer import ModelCache, calibrate, run_model, temperatures_of
-from dicomnode.process.prepare import PrepareError, load_case, prepare, save_case
+from dicomnode.stages.infer import ModelCache, calibrate, run_model, temperatures_of
+from dicomnode.stages.preprocess import PrepareError, load_case, prepare, save_case
 from dicomnode.synth import TISSUES, make_phantom, phantom_labels, write_study
 from models.checkpoint import CheckpointError, save_checkpoint
 from models.registry import CheckpointRegistry
@@ -346,7 +346,7 @@ def test_gate_findings_before_inference(converted, phantom, ckpt_dir: Path, tmp_
     from models.gate import GateSettings
     from nodeutil import regate
 
-    from dicomnode.process.prepare import gate_case
+    from dicomnode.stages.preprocess import gate_case
 
     reg = CheckpointRegistry(ckpt_dir)
     (sel,) = reg.select(["T1", "T2", "FLAIR"])
@@ -394,7 +394,7 @@ def test_feature_distance_before_trusting_a_prediction(converted, ckpt_dir: Path
     from models.gate import GateSettings, feature_distance
     from nodeutil import regate
 
-    from dicomnode.process.infer import check_case_features
+    from dicomnode.stages.infer import check_case_features
 
     reg = CheckpointRegistry(ckpt_dir)
     cache = ModelCache()
@@ -429,7 +429,7 @@ def test_feature_distance_before_trusting_a_prediction(converted, ckpt_dir: Path
 
 
 def _task(task: str, label: str, p_positive: float) -> "TaskResult":
-    from dicomnode.pipeline.results import TaskResult
+    from dicomnode.handoff import TaskResult
     from models.base import TASKS
 
     neg, pos = TASKS[task]
@@ -439,7 +439,7 @@ def _task(task: str, label: str, p_positive: float) -> "TaskResult":
 
 def test_who_cns5_no_1p19q_without_an_idh_mutation() -> None:
     """IDH-wildtype with 1p/19q co-deleted is not a WHO CNS5 category: 1p/19q is reported only with IDH-mutant."""
-    from dicomnode.process.infer import who_consistent
+    from dicomnode.stages.infer import who_consistent
 
     grade = _task("grade", "HGG", 0.8)
     wild = [grade, _task("idh", "IDH-wildtype", 0.21), _task("1p19q", "1p/19q-codeleted", 0.61)]

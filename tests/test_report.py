@@ -12,7 +12,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from dicomnode.pipeline.results import (
+from dicomnode.handoff import (
     Decision,
     Declined,
     GateReason,
@@ -24,7 +24,7 @@ from dicomnode.pipeline.results import (
     TaskResult,
     VersionResult,
 )
-from dicomnode.report import (
+from dicomnode.stages.report import (
     SR_FILE,
     SUMMARY_FILE,
     build_sr,
@@ -35,7 +35,7 @@ from dicomnode.report import (
     summary_png,
     write_reports,
 )
-from dicomnode.report import codes
+from dicomnode.stages.report import codes
 from dicomnode.synth import make_phantom, write_study
 
 from conftest import dcmtk_tool, need
@@ -394,7 +394,7 @@ def test_cannot_grade_because_every_model_was_declined(all_declined_result, tmp_
             '1,100-1,400 ml."') in dump
     assert 'NUM:(SLICETHICK-T2,99DCMNODE,"Slice thickness (T2)")="5.5"' in dump
     assert "CANNOT GRADE: No model could grade this study. MMDLM" in describe(paths[0])
-    from dicomnode.report.summary import summary_lines
+    from dicomnode.stages.report.summary import summary_lines
 
     lines = summary_lines(all_declined_result)
     joined = " ".join(t for _, t in lines)
@@ -489,7 +489,7 @@ def test_summary_image_is_valid_rgb_secondary_capture(mmdlm_result, study, tmp_p
     png = summary_png(path, tmp_path / "summary.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # no patient identity is burnt into the page (it is text we draw: check the inputs to it)
-    from dicomnode.report.summary import summary_lines
+    from dicomnode.stages.report.summary import summary_lines
 
     joined = " ".join(t for _, t in summary_lines(mmdlm_result))
     assert PATIENT_NAME.split("^")[0] not in joined and PATIENT_ID not in joined
@@ -520,7 +520,7 @@ def _prepared_cases(out: Path) -> tuple[Path, Path, int]:
 
 def _inside(result: VersionResult, panel) -> None:
     """Every piece of text drawn on the page lies inside it."""
-    from dicomnode.report.summary import HEIGHT, WIDTH, figure
+    from dicomnode.stages.report.summary import HEIGHT, WIDTH, figure
 
     fig = figure(result, panel, algorithm_version=VERSION)
     renderer = fig.canvas.get_renderer()
@@ -533,7 +533,7 @@ def _inside(result: VersionResult, panel) -> None:
 
 
 def test_summary_shows_what_the_model_saw(gated_result, mmdlm_result, tmp_path):
-    from dicomnode.report.summary import MASK_COLOUR, TEMPLATE_COLOUR, choose_panel, summary_lines
+    from dicomnode.stages.report.summary import MASK_COLOUR, TEMPLATE_COLOUR, choose_panel, summary_lines
 
     volume, slices, grid_index = _prepared_cases(tmp_path)
     # a graded volume model and a declined one: the graded model's prepared case, axial, with both outlines
@@ -588,7 +588,7 @@ def test_summary_shows_what_the_model_saw(gated_result, mmdlm_result, tmp_path):
 
 
 def test_summary_text_stays_on_the_page_with_long_reasons(all_declined_result, tmp_path):
-    from dicomnode.report.summary import choose_panel
+    from dicomnode.stages.report.summary import choose_panel
 
     volume, _, _ = _prepared_cases(tmp_path)
     long_reason = GateReason("intensity_cv/FLAIR", 9.99, "1", 0.1, 0.2, "intensity spread inside the brain "
@@ -600,7 +600,7 @@ def test_summary_text_stays_on_the_page_with_long_reasons(all_declined_result, t
 
 
 def test_summary_without_key_slices_uses_middle_t1ce_or_flair(promptnet_result, cannot_grade_result):
-    from dicomnode.report.summary import choose_panel
+    from dicomnode.stages.report.summary import choose_panel
 
     panel = choose_panel(promptnet_result)  # no T1CE in this version: FLAIR
     assert panel is not None and not panel.key and "FLAIR" in panel.caption
@@ -629,7 +629,7 @@ def test_enhanced_mr_key_slice_frames(enhanced_study, tmp_path):
     assert [int(i.ReferencedSOPSequence[0].ReferencedFrameNumber) for i in images] == [8]
     evidence = [s for st in ds.CurrentRequestedProcedureEvidenceSequence for s in st.ReferencedSeriesSequence]
     assert sorted(len(s.ReferencedSOPSequence) for s in evidence) == [1, 1, 1]  # one multi-frame file each
-    from dicomnode.report.summary import choose_panel
+    from dicomnode.stages.report.summary import choose_panel
 
     panel = choose_panel(result)
     assert panel is not None and panel.key and "frame 8" in panel.caption
@@ -644,7 +644,7 @@ def test_describe_and_html(mmdlm_result, tmp_path):
     assert "* mmdlm IDH: IDH-mutant (99DCMNODE IDHMUT), probability 0.7" in text
     assert "Model path and reason: mmdlm runs on T1CE+T2+FLAIR" in text
     assert "P(LGG) = 0.125, P(HGG) = 0.875" in text
-    from dicomnode.report.render import _fallback_html
+    from dicomnode.stages.report.render import _fallback_html
 
     fallback = _fallback_html(sr_path)  # what a host without dcmtk gets
     assert "High grade glioma" in fallback and "Research use only" in fallback and "<script" not in fallback

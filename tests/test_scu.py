@@ -6,7 +6,7 @@ import socket
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from dicomnode.scu import no_delay
+from dicomnode.dicom.scu import no_delay
 from nodeutil import free_port
 
 

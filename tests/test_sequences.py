@@ -1,4 +1,4 @@
-"""Sequence identification (dicomnode.sequences): real vendor headers and constructed ones.
+"""Sequence identification (dicomnode.assemble.sequences): real vendor headers and constructed ones.
 
 The real-data test is the honest one: every folder of ../shared/data/real must
 come out as its MANIFEST says.  The constructed datasets (header-only pydicom
@@ -21,7 +21,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import generate_uid
 
-from dicomnode.sequences import ROLES, SeriesAssignment, SiteRules, identify_study, load_site_rules
+from dicomnode.assemble.sequences import ROLES, SeriesAssignment, SiteRules, identify_study, load_site_rules
 
 MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
 ENHANCED_MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4.1"
@@ -761,7 +761,7 @@ def test_empty_and_non_image_series_are_other() -> None:
 
 
 def test_one_unreadable_series_does_not_sink_the_study(monkeypatch: pytest.MonkeyPatch) -> None:
-    import dicomnode.sequences.identify as identify_module
+    import dicomnode.assemble.sequences.identify as identify_module
 
     good = mr_series("t2_tse_tra", **T2_TSE)
     bad = mr_series("t1_mprage", **T1_MPRAGE)
@@ -781,7 +781,7 @@ def test_one_unreadable_series_does_not_sink_the_study(monkeypatch: pytest.Monke
 
 def test_no_phi_in_info_logs(caplog: pytest.LogCaptureFixture) -> None:
     series = mr_series("t1_mprage", **T1_MPRAGE)
-    with caplog.at_level(logging.DEBUG, logger="dicomnode.sequences"):
+    with caplog.at_level(logging.DEBUG, logger="dicomnode.assemble.sequences"):
         identify_study({series[0].SeriesInstanceUID: series})
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert caplog.records

@@ -66,7 +66,7 @@ def test_prepare_once_then_reuse_and_arrays_identical_to_apply_spec(cohort: Path
     again = prepare_cases(cases, specs, tmp_path / "cache")
     assert (again.count("prepared"), again.count("reused")) == (0, 12)
     # the cache holds exactly what apply_spec makes (byte for byte) and the node's prepare too
-    from dicomnode.process.prepare import prepare as node_prepare
+    from dicomnode.stages.preprocess import prepare as node_prepare
 
     for name, spec in specs.items():
         cache = VolumeCache(spec, tmp_path / "cache")

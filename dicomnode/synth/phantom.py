@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .geometry import rotation_affine
+from dicomnode.synth.geometry import rotation_affine
 
 ROLES = ("T1", "T1CE", "T2", "FLAIR")
 

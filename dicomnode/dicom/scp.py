@@ -1,0 +1,391 @@
+"""The PACS-facing edge: a pynetdicom Storage and Verification SCP.
+
+Handlers here do the minimum an acknowledgement needs and nothing more: check
+the peer, check the dataset is understandable, make it durable (fsync, atomic
+rename, index row committed) and return a status. Assembly, identification and
+everything heavier run elsewhere; a clean release only nudges the assembler.
+
+Success (0x0000) is sent only after the handler returns (pynetdicom sends the
+C-STORE response after ``EVT_C_STORE``), so an acknowledged instance is on disk
+and in the index.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import ssl
+import tempfile
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
+from pynetdicom.sop_class import Verification
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from dicomnode.config import Peer, Settings
+from dicomnode.index.studies import Index, InstanceMeta
+from dicomnode.logs import uid_tag
+from dicomnode.spool import Spool
+
+log = logging.getLogger(__name__)
+
+MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+ENHANCED_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
+GRADABLE_SOP_CLASSES = frozenset({MR_IMAGE_STORAGE, ENHANCED_MR_IMAGE_STORAGE})
+
+# C-STORE statuses (PS3.4 B.2.3). The 0xC2xx codes are ours within "Cannot understand".
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+CANNOT_UNDERSTAND = 0xC210
+MISSING_OR_INVALID_UID = 0xC212
+COMMAND_DATASET_MISMATCH = 0xC213
+PIXEL_DATA_TRUNCATED = 0xC214
+
+# The acceptor's order decides which proposed syntax is taken (pynetdicom).
+# Explicit VR first (keeps VRs of private tags), then every compressed and
+# other syntax so a PACS can send what it holds unchanged, implicit VR last.
+PREFERRED_TRANSFER_SYNTAXES = [str(ExplicitVRLittleEndian)] + [
+    ts for ts in ALL_TRANSFER_SYNTAXES if ts not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+] + [str(ImplicitVRLittleEndian)]
+
+_PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # PixelData, FloatPixelData, DoubleFloatPixelData
+
+
+class Refused(Exception):
+    """A dataset we will not store; carries the DIMSE status and a short comment for the sender."""
+
+    def __init__(self, status: int, comment: str) -> None:
+        super().__init__(comment)
+        self.status = status
+        self.comment = comment
+
+
+def valid_uid(value: Any) -> bool:
+    """A DICOM UID: digits and dots, no leading zeros in components, at most 64 characters."""
+    return isinstance(value, str) and UID(value).is_valid
+
+
+def inspect_received(path: Path, command_sop_class: str, command_sop_instance: str, transfer_syntax: str) -> InstanceMeta:
+    """Read just enough of a received file to index it, refusing what cannot be understood.
+
+    Large values (pixel data) are not read (``defer_size``); their declared
+    extent is checked against the file size so a truncated dataset is refused
+    rather than acknowledged.
+    """
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            ds = dcmread(fh, defer_size=4096)
+            end = fh.tell()
+        # pydicom converts values lazily: touch the ones we need now, so a
+        # malformed element fails here and not in the assembler later.
+        sop_instance = ds.get("SOPInstanceUID")
+        sop_class = ds.get("SOPClassUID")
+        study_uid = ds.get("StudyInstanceUID")
+        series_uid = ds.get("SeriesInstanceUID")
+        modality = ds.get("Modality")
+        series_number = ds.get("SeriesNumber")
+        description = ds.get("SeriesDescription")
+    except Exception as exc:  # pydicom raises many types on garbage; none may reach pynetdicom
+        raise Refused(CANNOT_UNDERSTAND, f"unreadable dataset: {type(exc).__name__}") from exc
+    if end != size:
+        # The parse must end exactly at the end of the file. Short: pydicom
+        # dropped an undefined-length element it found no end of (encapsulated
+        # pixel data, a sequence) with only a warning. Long: a deferred value
+        # (native pixel data) was declared longer than what arrived.
+        raise Refused(PIXEL_DATA_TRUNCATED, "dataset truncated")
+    for name, value in (
+        ("SOPInstanceUID", sop_instance),
+        ("SOPClassUID", sop_class),
+        ("StudyInstanceUID", study_uid),
+        ("SeriesInstanceUID", series_uid),
+    ):
+        if not valid_uid(value):
+            raise Refused(MISSING_OR_INVALID_UID, f"missing or invalid {name}")
+    if str(sop_instance) != command_sop_instance.strip("\0 "):
+        raise Refused(COMMAND_DATASET_MISMATCH, "SOPInstanceUID differs from the C-STORE request")
+    if str(sop_class) != command_sop_class.strip("\0 "):
+        raise Refused(DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOPClassUID differs from the C-STORE request")
+    is_image_class = str(sop_class) in GRADABLE_SOP_CLASSES or "Image" in UID(str(sop_class)).name
+    pixel = next((ds.get_item(t, keep_deferred=True) for t in _PIXEL_TAGS if t in ds), None)
+    if is_image_class and pixel is None:
+        raise Refused(DATASET_DOES_NOT_MATCH_SOP_CLASS, "image SOP class without pixel data")
+    if pixel is not None:
+        _check_pixel_length(ds, pixel)
+    try:
+        number = int(series_number) if series_number not in (None, "") else None
+    except (TypeError, ValueError):
+        number = None
+    mod = str(modality) if modality else None
+    return InstanceMeta(
+        sop_instance_uid=str(sop_instance),
+        sop_class_uid=str(sop_class),
+        transfer_syntax_uid=transfer_syntax,
+        study_instance_uid=str(study_uid),
+        series_instance_uid=str(series_uid),
+        modality=mod,
+        series_number=number,
+        series_description=str(description) if description else None,
+        gradable=str(sop_class) in GRADABLE_SOP_CLASSES and mod == "MR",
+    )
+
+
+def _check_pixel_length(ds: Dataset, elem: Any) -> None:
+    """Refuse native pixel data shorter than the image it claims to be.
+
+    (Data running past the end of the file is caught by the end-of-parse check.)
+    """
+    length = getattr(elem, "length", None)
+    if length is None or length == 0xFFFFFFFF or elem.tag != 0x7FE00010:
+        return  # encapsulated, or float pixel data: no simple expected length
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        spp = int(ds.get("SamplesPerPixel", 1))
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        bits = int(ds.BitsAllocated)
+    except (AttributeError, TypeError, ValueError):
+        raise Refused(DATASET_DOES_NOT_MATCH_SOP_CLASS, "pixel data without a valid image description") from None
+    if length < (rows * cols * spp * frames * bits + 7) // 8:
+        raise Refused(PIXEL_DATA_TRUNCATED, "pixel data shorter than Rows x Columns x frames")
+
+
+@dataclass(frozen=True)
+class _AllowRule:
+    ae_title: str
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None  # None: any host
+
+
+def _compile_peers(peers: tuple[Peer, ...]) -> list[_AllowRule]:
+    """Resolve host bindings once at start-up (IP, CIDR or host name)."""
+    rules = []
+    for p in peers:
+        if p.host is None:
+            rules.append(_AllowRule(p.ae_title, None))
+            continue
+        try:
+            nets: tuple[Any, ...] = (ipaddress.ip_network(p.host, strict=False),)
+        except ValueError:
+            addrs = {ai[4][0] for ai in socket.getaddrinfo(p.host, None)}
+            nets = tuple(ipaddress.ip_network(a) for a in sorted(addrs))
+        rules.append(_AllowRule(p.ae_title, nets))
+    return rules
+
+
+def _peer_allowed(rules: list[_AllowRule], calling: str, address: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        ip = None
+    for r in rules:
+        if r.ae_title != calling:
+            continue
+        if r.networks is None or (ip is not None and any(ip in n for n in r.networks)):
+            return True
+    return False
+
+
+class StorageSCP:
+    """Owns the AE and its handlers; ``start`` returns once the port is listening."""
+
+    def __init__(self, settings: Settings, index: Index, spool: Spool, on_release: Callable[[], None] | None = None):
+        self.settings = settings
+        self.index = index
+        self.spool = spool
+        self.on_release = on_release
+        self._rules = _compile_peers(settings.allowed_peers)
+        self._touched: dict[int, set[int]] = {}
+        self._lock = threading.Lock()
+        self.server: Any = None
+
+    def build_ae(self) -> AE:
+        s = self.settings
+        ae = AE(ae_title=s.ae_title)
+        ae.maximum_associations = s.max_associations
+        ae.acse_timeout = s.acse_timeout_s
+        ae.dimse_timeout = s.dimse_timeout_s
+        ae.network_timeout = s.network_timeout_s
+        ae.maximum_pdu_size = s.max_pdu
+        ae.require_called_aet = False  # checked in _on_requested, which logs the peer
+        ae.add_supported_context(Verification)
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, PREFERRED_TRANSFER_SYNTAXES)
+        return ae
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        t = self.settings.tls
+        if not t.enabled:
+            return None
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(t.cert_file, t.key_file)  # type: ignore[arg-type]
+        if t.ca_file:
+            ctx.load_verify_locations(t.ca_file)
+            ctx.verify_mode = ssl.CERT_REQUIRED if t.require_client_cert else ssl.CERT_OPTIONAL
+        return ctx
+
+    def start(self) -> None:
+        # Stream each dataset to a file as it arrives (memory flat whatever the
+        # instance size), in our spool's tmp so the commit is a same-filesystem
+        # rename. tempfile.tempdir is the documented knob pynetdicom's
+        # NamedTemporaryFile honours; this process is the node's own.
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        tempfile.tempdir = str(self.spool.tmp)
+        s = self.settings
+        if not s.allowed_peers:
+            log.warning("allowed_peers is empty: accepting associations from ANY calling AE title; "
+                        "set allowed_peers before connecting a production PACS")
+        handlers = [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ABORTED, self._on_ended),
+            (evt.EVT_CONN_CLOSE, self._on_ended),
+        ]
+        ae = self.build_ae()
+        self.server = ae.start_server((s.host, s.port), block=False, evt_handlers=handlers, ssl_context=self._ssl_context())
+        log.info("listening as %s on %s:%d (TLS %s)", s.ae_title, s.host, self.port, "on" if s.tls.enabled else "off")
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_address[1]) if self.server else self.settings.port
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+
+    # -- handlers (association threads) ----------------------------------------------
+
+    def _on_requested(self, event: Any) -> None:
+        assoc = event.assoc
+        prim = assoc.requestor.primitive
+        calling = str(prim.calling_ae_title).strip()
+        called = str(prim.called_ae_title).strip()
+        address = assoc.requestor.address
+        if self.settings.require_called_ae and called != self.settings.ae_title:
+            self._operator_event("association_rejected",
+                                 f"called AE {called!r} is not ours ({self.settings.ae_title!r}); "
+                                 f"calling AE {calling!r} from {address}")
+            _reject(assoc, 0x07)
+            return
+        if self._rules and not _peer_allowed(self._rules, calling, address):
+            self._operator_event("association_rejected",
+                                 f"calling AE {calling!r} from {address} is not in allowed_peers")
+            _reject(assoc, 0x03)
+            return
+        log.debug("association requested by %r from %s", calling, address)
+
+    def _operator_event(self, kind: str, message: str) -> None:
+        """A WARNING line and an event-log row (AE titles and addresses only, never PHI)."""
+        log.warning("%s: %s", kind.replace("_", " "), message)
+        try:
+            self.index.add_event(kind, message)
+        except Exception:  # the index being down must not change the answer we give
+            log.debug("could not record event", exc_info=True)
+
+    def _on_echo(self, event: Any) -> int:
+        return SUCCESS
+
+    def _on_store(self, event: Any) -> Any:
+        req = event.request
+        tmp = Path(event.dataset_path)
+        assoc = event.assoc
+        calling = str(assoc.requestor.ae_title).strip()
+        address = assoc.requestor.address
+        try:
+            return self._store(event, req, tmp, calling, address)
+        finally:
+            # Whatever happened, no half-written or refused file stays behind.
+            tmp.unlink(missing_ok=True)
+
+    def _store(self, event: Any, req: Any, tmp: Path, calling: str, address: str) -> Any:
+        try:
+            if self.spool.free_bytes() < self.settings.min_free_disk_mb * 1024 * 1024:
+                return self._refuse(OUT_OF_RESOURCES, "node disk below free-space watermark",
+                                    f"free disk under min_free_disk_mb={self.settings.min_free_disk_mb}", calling, address)
+            meta = inspect_received(
+                tmp, str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID), str(event.context.transfer_syntax)
+            )
+        except Refused as r:
+            return self._refuse(r.status, r.comment, r.comment, calling, address)
+        try:
+            if self.index.is_known_instance(meta.sop_instance_uid):
+                return self._duplicate(meta, calling, address)
+            if self.index.is_own_object(meta.sop_instance_uid):
+                self.index.count_returned_own_object(meta.sop_instance_uid, calling, address)
+                log.info("our own report %s came back from %r: Success, not stored again",
+                         uid_tag(meta.sop_instance_uid), calling)
+                return SUCCESS
+            rel, size = self.spool.commit(tmp)
+            try:
+                outcome = self.index.add_instance(meta, rel, size, calling, address)
+            except IntegrityError:
+                self.spool.remove(rel)
+                if self.index.is_known_instance(meta.sop_instance_uid):
+                    return self._duplicate(meta, calling, address)
+                raise
+            except BaseException:
+                self.spool.remove(rel)  # not acknowledged, not indexed: do not keep it
+                raise
+        except OSError as exc:
+            return self._refuse(OUT_OF_RESOURCES, "node cannot write its spool",
+                                f"cannot write spool: {exc.strerror or type(exc).__name__}", calling, address)
+        except (OperationalError, IntegrityError, ValueError) as exc:
+            log.debug("index error", exc_info=True)
+            return self._refuse(OUT_OF_RESOURCES, "node index unavailable",
+                                f"index unavailable or inconsistent: {type(exc).__name__}", calling, address)
+        with self._lock:
+            self._touched.setdefault(id(event.assoc), set()).add(outcome.study_id)
+        log.debug("stored %s for study %d version %d", uid_tag(meta.sop_instance_uid), outcome.study_id, outcome.version)
+        return SUCCESS
+
+    def _refuse(self, status: int, comment: str, why: str, calling: str, address: str) -> Dataset:
+        """Answer a failure status; log and record why (the sender sees ``comment``)."""
+        self._operator_event("store_refused", f"C-STORE refused (0x{status:04X}): {why}; calling AE {calling!r} from {address}")
+        return _failure(status, comment)
+
+    def _duplicate(self, meta: InstanceMeta, calling: str, address: str) -> int:
+        self.index.count_duplicate(meta.sop_instance_uid, calling, address)
+        log.info("duplicate instance %s from %r: first copy kept, Success sent", uid_tag(meta.sop_instance_uid), calling)
+        return SUCCESS
+
+    def _on_released(self, event: Any) -> None:
+        with self._lock:
+            studies = self._touched.pop(id(event.assoc), set())
+        if studies:
+            self.index.note_release(studies)
+            if self.on_release:
+                self.on_release()
+
+    def _on_ended(self, event: Any) -> None:
+        # An abort or a dropped connection never brings completion forward.
+        with self._lock:
+            self._touched.pop(id(event.assoc), None)
+
+
+def _reject(assoc: Any, diagnostic: int) -> None:
+    """A-ASSOCIATE-RJ, permanent, service-user: 0x03 calling AE / 0x07 called AE not recognised.
+
+    ``kill`` waits until the DUL has sent the PDU, as pynetdicom's own
+    negotiation does; returning without it closes the socket first and the
+    peer sees an abort instead of a rejection.
+    """
+    assoc.acse.send_reject(0x01, 0x01, diagnostic)
+    evt.trigger(assoc, evt.EVT_REJECTED, {})
+    assoc.kill()
+
+
+def _failure(status: int, comment: str) -> Dataset:
+    rsp = Dataset()
+    rsp.Status = status
+    rsp.ErrorComment = comment[:64]
+    return rsp

@@ -1,0 +1,1 @@
+"""The stages of one study version's journey: convert, preprocess, infer, report, dispatch."""

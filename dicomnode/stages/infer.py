@@ -1,0 +1,391 @@
+"""One prepared case + one selected checkpoint -> a :class:`~dicomnode.handoff.ModelResult`.
+
+Why this shape: a GPU worker runs many studies with few models, so
+:class:`ModelCache` loads each checkpoint once per process (keyed by its
+content hash, and re-verified when the file changes on disk), and
+:func:`run_model` does the rest per case: predict, calibrate, label, and map
+MMDLM's key slices back to source DICOM images for the report.
+
+Device: ``"auto"`` is CUDA when ``torch.cuda.is_available()`` at call time,
+else CPU. Nothing here touches CUDA at import time, so a Celery parent process
+that imports this module can still fork workers (NOTES.md). Inference runs
+under ``torch.inference_mode``; autocast (bf16 where the GPU supports it, else
+fp16) only on CUDA: on CPU, fp32 is what the models were validated in.
+
+Calibration: training fits a temperature T on validation LOGITS
+(``training.calibration``: p = softmax(z / T), or sigmoid(z / T) for one
+logit) and stores it in the checkpoint: one ``temperature`` for single-task
+families, ``extra["temperatures"][task]`` for MMDLM (one number cannot
+calibrate three tasks). ``predict`` returns probabilities, not logits, and
+``models`` has no helper for this (``training.calibration.apply_temperature``
+takes logits and the node may not import ``training``), so :func:`calibrate`
+uses log p, which differs from the logits by a per-row constant:
+softmax(log p / T) == softmax(z / T) exactly, and for a sigmoid head
+p = (1 - s(z), s(z)) = softmax((0, z)), so the same formula gives s(z / T).
+Probabilities are clipped at float32's smallest normal number before the log,
+so a class the network gave exactly 0 stays finite.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dicomnode.handoff import KeySlice, ModelResult, TaskResult
+from dicomnode.stages.convert import ConvertedSeries
+from models.base import TASKS
+from models.checkpoint import CheckpointError, LoadedCheckpoint
+from models.gate import FeatureStats, FloorSettings, GateSettings, case_measurements, check_features, withheld_sentence
+from models.preprocess import PreprocessedCase, to_batch, validate_spec
+from models.registry import CheckpointInfo, Selection
+
+log = logging.getLogger(__name__)
+
+# predict() of these families takes gradients inside (Grad-CAM without an off switch), which
+# inference_mode forbids; they run under their own no_grad for the forward instead.
+_NEEDS_AUTOGRAD: frozenset[str] = frozenset({"crossmodal"})
+# A key slice whose centre is farther than this from every source plane lies outside the series.
+OUTSIDE_SERIES_MM = 10.0
+# |cos| between the model's slice normal and the series' below this: not the same plane.
+SAME_PLANE_COS = 0.9
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> ``cuda`` when available now, else ``cpu``; anything else as given (``cuda`` checked)."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA device")
+    return dev
+
+
+@dataclass
+class _Entry:
+    loaded: LoadedCheckpoint
+    stat: tuple[int, int]  # (size, mtime_ns) of the file when it was loaded
+
+
+def _stat(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+class ModelCache:
+    """Checkpoints loaded once per process, keyed by (sha256, device).
+
+    A hit re-checks the file's size and modification time; when they changed,
+    the file is loaded and verified again, and a file whose content hash no
+    longer matches the one it was listed with is refused
+    (:class:`models.checkpoint.CheckpointError`) and dropped from the cache.
+    Thread-safe (a threads-pool worker may share one cache).
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[str, str], _Entry] = {}
+        self._lock = threading.Lock()
+        self.loads = 0  # how many times a file was read (tests, metrics)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def get(self, info: CheckpointInfo, device: str | torch.device = "auto") -> LoadedCheckpoint:
+        """The loaded checkpoint for ``info`` on ``device``, loading (and validating) it at most once."""
+        dev = resolve_device(device)
+        key = (info.sha256, str(dev))
+        with self._lock:
+            entry = self._entries.get(key)
+            try:
+                now = _stat(info.path)
+            except OSError as exc:
+                self._entries.pop(key, None)
+                raise CheckpointError(f"{info.path.name}: cannot be read: {exc}") from exc
+            if entry is not None and entry.stat == now:
+                return entry.loaded
+            self._entries.pop(key, None)
+            loaded = info.load(map_location=str(dev))  # verifies the hash against the listing
+            self.loads += 1
+            loaded.model.eval()
+            self._entries[key] = _Entry(loaded, now)
+            log.info("loaded checkpoint %s (%s, sha256 %s...) on %s", info.path.name, info.family,
+                     info.sha256[:12], dev)
+            return loaded
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def temperatures_of(ckpt: LoadedCheckpoint) -> dict[str, float | None]:
+    """The calibration temperature per task of a checkpoint (None: not calibrated for that task)."""
+    tasks = list(ckpt.labels)
+    if ckpt.temperature is not None:
+        return {t: float(ckpt.temperature) for t in tasks}
+    per_task = (ckpt.extra or {}).get("temperatures")
+    out: dict[str, float | None] = {t: None for t in tasks}
+    if isinstance(per_task, Mapping):
+        for t in tasks:
+            value = per_task.get(t)
+            if isinstance(value, (int, float)) and math.isfinite(value) and value > 0:
+                out[t] = float(value)
+    return out
+
+
+def calibrate(probabilities: np.ndarray | torch.Tensor, temperature: float) -> np.ndarray:
+    """Temperature-scaled probabilities (rows over classes), from probabilities: softmax(log p / T)."""
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+    p = np.asarray(probabilities.detach().cpu() if isinstance(probabilities, torch.Tensor) else probabilities,
+                   dtype=np.float64)
+    z = np.log(np.clip(p, np.finfo(np.float32).tiny, None)) / temperature
+    z -= z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+# --------------------------------------------------------------------------- key slices
+
+
+def _slice_world_centre(case: PreprocessedCase, axis: int, index: int) -> np.ndarray:
+    """World (RAS, mm) position of the centre of grid slice ``index`` along ``axis`` of the final grid."""
+    shape = case.meta.get("shape")
+    if not shape:
+        raise ValueError("the prepared case has no grid shape in meta")
+    ijk = [(int(n) - 1) / 2.0 for n in shape]
+    ijk[axis] = float(index)
+    return (np.asarray(case.affine, dtype=np.float64) @ np.array([*ijk, 1.0]))[:3]
+
+
+def _key_slices(case: PreprocessedCase, explanations: Mapping[str, torch.Tensor], roles: tuple[str, ...],
+                converted: Mapping[str, ConvertedSeries]) -> tuple[list[KeySlice], list[str]]:
+    out: list[KeySlice] = []
+    flags: list[str] = []
+    sl = case.meta.get("slices") or {}
+    axis = int(sl.get("axis", 2))
+    if case.slice_indices is None:
+        return out, flags
+    grid_normal = np.asarray(case.affine, dtype=np.float64)[:3, axis]
+    grid_normal = grid_normal / np.linalg.norm(grid_normal) * np.array([-1.0, -1.0, 1.0])  # RAS -> LPS
+    for role in roles:
+        key = explanations.get(f"key_slices/{role}")
+        attention = explanations.get(f"slice_attention/{role}")
+        if key is None or attention is None:
+            continue
+        series = converted.get(role)
+        if series is None or not series.images or series.normal is None:
+            flags.append(f"key slices of {role} cannot be mapped to source images: no converted {role} series")
+            continue
+        cos = abs(float(grid_normal @ np.asarray(series.normal)))
+        if cos < SAME_PLANE_COS:
+            flags.append(f"key slices of {role} are slices of the model's grid across the series' plane "
+                         f"(the series is acquired in another orientation); each cites the source image "
+                         f"through the slice centre")
+        far = 0
+        for pos in key[0].tolist():
+            if pos < 0 or pos >= len(case.slice_indices):
+                continue
+            grid_index = int(case.slice_indices[pos])
+            if grid_index < 0:
+                continue
+            ref, distance = series.nearest(_slice_world_centre(case, axis, grid_index))
+            far += distance > OUTSIDE_SERIES_MM
+            out.append(KeySlice(role=role, attention=float(attention[0, pos]), ref=ref, grid_index=grid_index))
+        if far:
+            flags.append(f"{far} key slice(s) of {role} lie more than {OUTSIDE_SERIES_MM:g} mm from every "
+                         f"source image of the series")
+    return out, flags
+
+
+# --------------------------------------------------------------------------- running a model
+
+
+def _autocast_dtype(dev: torch.device, autocast: bool) -> torch.dtype | None:
+    if not autocast or dev.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+@contextlib.contextmanager
+def _grad_mode(family: str) -> Iterator[None]:
+    if family in _NEEDS_AUTOGRAD:
+        yield
+    else:
+        with torch.inference_mode():
+            yield
+
+
+def who_consistent(tasks: list[TaskResult]) -> tuple[list[TaskResult], list[str]]:
+    """The molecular answers a neuropathologist accepts (WHO CNS5, 2021), and why anything was left out.
+
+    1p/19q co-deletion together with an IDH mutation defines oligodendroglioma;
+    "IDH-wildtype, 1p/19q co-deleted" is not a category, and a 1p/19q status
+    without an IDH status means nothing. So the 1p/19q answer is reported only
+    when the same model predicts IDH-mutant; otherwise it is dropped and the
+    report says why. Grade and IDH are left as they are.
+    """
+    by = {t.task: t for t in tasks}
+    codel = by.get("1p19q")
+    if codel is None:
+        return tasks, []
+    idh = by.get("idh")
+    if idh is not None and idh.label == TASKS["idh"][1]:  # IDH-mutant
+        return tasks, []
+    if idh is None:
+        why = "1p/19q not reported: this model gives no IDH status, and 1p/19q co-deletion is defined only in " \
+              "IDH-mutant gliomas (WHO CNS5)"
+    else:
+        why = (f"1p/19q not reported: the model predicts {idh.label} (P = {idh.probabilities[idh.label]:.2f}); "
+               f"1p/19q co-deletion is defined only in IDH-mutant gliomas (oligodendroglioma, WHO CNS5)")
+    return [t for t in tasks if t.task != "1p19q"], [why]
+
+
+def withhold_under_floor(tasks: list[TaskResult], metrics: Mapping[str, Any] | None, family_tasks: list[str],
+                         floor: FloorSettings | None) -> tuple[list[TaskResult], list[str]]:
+    """The tasks the checkpoint's held-out metrics support (``models.gate`` floor), and why any were left out.
+
+    Runs before :func:`who_consistent`, so a withheld IDH answer never shows up, not even in
+    the sentence that explains a dropped 1p/19q. Without its IDH answer a 1p/19q answer means
+    nothing (WHO CNS5), so it is withheld with it. The grade is declined earlier (the gate, at
+    preprocessing); should it reach here under the floor, it is withheld like any task.
+    """
+    if floor is None:
+        return tasks, []
+    flags: dict[str, str] = {}
+    for t in tasks:
+        why = withheld_sentence(metrics, t.task, family_tasks, floor)
+        if why is not None:
+            flags[t.task] = why
+    if "idh" in flags and "1p19q" not in flags and any(t.task == "1p19q" for t in tasks):
+        flags["1p19q"] = ("1p/19q not reported: the IDH status it depends on is not reported "
+                          "(WHO CNS5 reads 1p/19q only together with IDH)")
+    for task, why in flags.items():
+        log.info("%s withheld: %s", task, why)
+    return [t for t in tasks if t.task not in flags], [flags[t.task] for t in tasks if t.task in flags]
+
+
+def run_model(selection: Selection, case: PreprocessedCase, converted: Mapping[str, ConvertedSeries],
+              cache: ModelCache, *, device: str | torch.device = "auto", autocast: bool = True,
+              key_slices: int | None = None, floor: FloorSettings | None = None) -> ModelResult:
+    """Run one selected checkpoint on a case prepared with its spec, and say what it found.
+
+    Raises :class:`models.checkpoint.CheckpointError` for a checkpoint that is
+    refused (changed file) and ``ValueError`` for a case prepared with another
+    spec; the caller records either as a failed model with the message.
+    ``key_slices`` overrides the number of MMDLM key slices per role.
+    ``floor``: tasks whose checkpoint's held-out metrics fall under it are left out
+    (:func:`withhold_under_floor`); None checks nothing.
+    """
+    t0 = time.perf_counter()
+    dev = resolve_device(device)
+    ckpt = cache.get(selection.checkpoint, dev)
+    family = ckpt.family
+    prepared_for = case.meta.get("spec")
+    if prepared_for is not None and prepared_for != validate_spec(ckpt.spec):
+        raise ValueError(f"the case was prepared with another spec than {selection.checkpoint.path.name}'s; "
+                         f"prepare it with this checkpoint's spec")
+    batch = to_batch([case], ckpt.input_roles)
+    kwargs: dict[str, Any] = {}
+    params = inspect.signature(family.predict).parameters
+    if "saliency" in params:
+        kwargs["saliency"] = False  # Grad-CAM needs autograd; the report does not carry saliency maps
+    if key_slices is not None and "key_slices" in params:
+        kwargs["key_slices"] = int(key_slices)
+    with _grad_mode(family.name):
+        pred = family.predict(ckpt.model, batch, device=dev, autocast_dtype=_autocast_dtype(dev, autocast),
+                              **kwargs)
+    temps = temperatures_of(ckpt)
+    tasks: list[TaskResult] = []
+    for task, labels in pred.labels.items():
+        raw = pred.probabilities[task][0].detach().float().cpu().numpy()
+        temperature = temps.get(task)
+        p = calibrate(raw, temperature) if temperature is not None else raw.astype(np.float64)
+        names = tuple(labels)
+        coding = TASKS.get(task, names)
+        if names != tuple(coding):
+            raise ValueError(f"{family.name}: labels of {task} are {names}, the node's coding is {coding}")
+        probs = {name: float(p[i]) for i, name in enumerate(names)}
+        tasks.append(TaskResult(task=task, label=names[int(np.argmax(p))], probability=float(p[1]),
+                                probabilities=probs, calibrated=temperature is not None))
+    tasks, floor_flags = withhold_under_floor(tasks, ckpt.metrics, list(family.tasks), floor)
+    tasks, who_flags = who_consistent(tasks)
+    keys, key_flags = _key_slices(case, pred.explanations, ckpt.input_roles, converted)
+    info = selection.checkpoint
+    result = ModelResult(
+        family=family.name, paper=family.paper, checkpoint_name=info.path.name, checkpoint_sha256=ckpt.sha256,
+        checkpoint_created=ckpt.created, input_roles=list(ckpt.input_roles), reason=selection.reason,
+        tasks=tasks, key_slices=keys, training_data=dict(ckpt.training_data), metrics=dict(ckpt.metrics),
+        device=str(dev), seconds=round(time.perf_counter() - t0, 4),
+        quality_flags=[*case.meta.get("quality_flags", []), *floor_flags, *who_flags, *key_flags],
+        measurements=case_measurements(case.meta),
+    )
+    log.info("%s (%s...) ran on %s in %.2f s", family.name, ckpt.sha256[:12], dev, result.seconds)
+    return result
+
+
+# --------------------------------------------------------------------------- the gate (features)
+
+
+@dataclass(frozen=True)
+class FeatureCheck:
+    """The feature-space part of the gate for one case and checkpoint."""
+
+    distance: float | None  # None: the checkpoint records no feature statistics, or the family has no features()
+    threshold: float | None  # the checkpoint's threshold times gate_feature_factor
+    finding: Any  # models.gate.GateFinding | None: None means the case passes
+
+
+def check_case_features(selection: Selection, case: PreprocessedCase, cache: ModelCache, settings: GateSettings, *,
+                        device: str | torch.device = "auto") -> FeatureCheck:
+    """Before trusting a prediction: how far the case's penultimate features lie from the training features.
+
+    Uses the family's
+    ``features(model, batch, device)`` (fp32, no autocast: the statistics were
+    taken in fp32) and the checkpoint's ``extra["gate"]["features"]``. A
+    checkpoint without statistics, or a family without ``features``, gives
+    the gate's "unchecked" finding unless ``settings.unchecked == "allow"``.
+    Raises like :func:`run_model` for a refused checkpoint or a case prepared
+    with another spec.
+    """
+    dev = resolve_device(device)
+    ckpt = cache.get(selection.checkpoint, dev)
+    prepared_for = case.meta.get("spec")
+    if prepared_for is not None and prepared_for != validate_spec(ckpt.spec):
+        raise ValueError(f"the case was prepared with another spec than {selection.checkpoint.path.name}'s")
+    gate = (ckpt.extra or {}).get("gate")
+    stats_data = (gate or {}).get("features")
+    distance: float | None = None
+    threshold: float | None = None
+    if stats_data:
+        stats = FeatureStats.from_dict(stats_data)
+        threshold = float(stats.threshold) * float(settings.feature_factor)
+        features = getattr(ckpt.family, "features", None)
+        if features is not None:
+            batch = to_batch([case], ckpt.input_roles)
+            with torch.no_grad():
+                f = features(ckpt.model, batch, device=dev)
+            distance = float(stats.distance(f.detach().float().cpu().numpy().reshape(1, -1))[0])
+    finding = check_features(gate, distance, settings)
+    if distance is not None:
+        log.info("%s (%s...): feature distance %.2f, threshold %.2f", ckpt.family.name, ckpt.sha256[:12],
+                 distance, threshold)
+    return FeatureCheck(distance=distance, threshold=threshold, finding=finding)
+
+
+__all__ = ["FeatureCheck", "ModelCache", "OUTSIDE_SERIES_MM", "calibrate", "check_case_features", "resolve_device",
+           "run_model", "temperatures_of", "who_consistent", "withhold_under_floor"]
