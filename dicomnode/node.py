@@ -34,32 +34,9 @@ class Node:
     def _on_complete(self, due: DueVersion) -> None:
         self.pipeline.start_version(due.version_id, due.study_id)
 
-    def check_checkpoints(self) -> None:
-        """List and validate the checkpoints once at start-up, so a bad file is reported now, not per study.
-
-        The validated registry is handed to the in-process worker, which then
-        does not hash the same weights again.
-        """
-        from dicomnode.runtime.runner import checkpoint_listing, open_registry
-
-        path = self.settings.checkpoints_path
-        listing = checkpoint_listing(self.settings)
-        reg = open_registry(self.settings)
-        self.pipeline.registry = (reg, listing)
-        valid = [f"{c.family} {c.path.name} ({c.sha256[:12]})" for c in reg.checkpoints]
-        for bad in reg.invalid:
-            log.error("checkpoint %s refused: %s", bad.path.name, bad.error)
-            self.index.add_event("checkpoint_refused", f"{bad.path.name}: {bad.error}")
-        if valid:
-            log.info("checkpoints in %s: %s", path, "; ".join(valid))
-        else:
-            log.warning("no valid checkpoint in %s: every study will get a report saying it could not be graded "
-                        "(train one with `python -m training`, or run `dicomnode demo`)", path)
-
     def start(self) -> None:
         """Recover the spool, resume the pipeline and assembly from the index, then open the port (in that order)."""
         self.spool.recover(self.index.known_paths())
-        self.check_checkpoints()
         self.pipeline.start(self.settings.serve_queues)
         self.dispatcher.start()
         self.assembler.start()

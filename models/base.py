@@ -22,17 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-# The sequence roles, in the canonical channel order every family uses.
-ROLES: tuple[str, ...] = ("T1", "T1CE", "T2", "FLAIR")
-NON_ENHANCED_ROLES: tuple[str, ...] = ("T1", "T2", "FLAIR")
-
-# Tasks and the coding of their labels: index i of the probability vector is
-# the probability of class name i. Binary tasks are coded (negative, positive).
-TASKS: dict[str, tuple[str, ...]] = {
-    "grade": ("LGG", "HGG"),
-    "idh": ("IDH-wildtype", "IDH-mutant"),
-    "1p19q": ("1p/19q-intact", "1p/19q-codeleted"),
-}
+from models.vocab import NON_ENHANCED_ROLES, ROLES, TASKS  # noqa: F401  (re-exported: the families' words)
 
 
 @dataclass

@@ -341,6 +341,10 @@ def test_an_invalid_checkpoint_is_refused_at_start_up_and_the_node_still_serves(
     (ck / "broken.pt").write_bytes(b"not a checkpoint")
     node = NodeProcess(tmp_path / "data", checkpoints_dir=str(ck)).start(timeout=90)
     try:
+        # the embedded worker validates the checkpoints once it is up (after the port opened): wait for it
+        deadline = time.monotonic() + 180
+        while "checkpoint broken.pt refused" not in node.log() and time.monotonic() < deadline:
+            time.sleep(0.5)
         assert "checkpoint broken.pt refused" in node.log()
         events = node.cli("events", "--json").stdout
         assert "checkpoint_refused" in events

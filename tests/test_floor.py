@@ -86,7 +86,7 @@ def test_floor_settings_validate_disable_and_describe() -> None:
 
 def test_node_settings_reach_the_floor(tmp_path: Path) -> None:
     from dicomnode.config import SettingsError, load_settings
-    from dicomnode.runtime.runner import floor_settings, gate_settings, loosened_text
+    from dicomnode.stages.models import floor_settings, gate_settings, loosened_text
 
     default = load_settings(None, environ={})
     assert floor_settings(default) == FloorSettings()

@@ -167,7 +167,7 @@ def test_gate_settings_are_validated_and_reach_the_models_gate(tmp_path: Path) -
     from models.gate import GateSettings
 
     from dicomnode.config import SettingsError, load_settings
-    from dicomnode.runtime.runner import gate_settings
+    from dicomnode.stages.models import gate_settings
 
     default = load_settings(None, environ={})
     assert gate_settings(default) == GateSettings() and not gate_settings(default).loosened

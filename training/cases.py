@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 #: sequence roles, in the canonical channel order (same as ``models.base.ROLES``)
-ROLES: tuple[str, ...] = ("T1", "T1CE", "T2", "FLAIR")
+from models.vocab import ROLES
 #: tasks and their class names, index = label value (same as ``models.base.TASKS``)
 TASKS: dict[str, tuple[str, str]] = {
     "grade": ("LGG", "HGG"),

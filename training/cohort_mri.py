@@ -29,7 +29,7 @@ from .cohort_anatomy import F32, Grid, smooth_noise
 from .cohort_params import CohortParams
 from .cohort_tumour import Biology, TumourMaps
 
-ROLES: tuple[str, ...] = ("T1", "T1CE", "T2", "FLAIR")
+from models.vocab import ROLES
 
 #: signal per sequence and tissue, relative to white matter on T1 (= 1). ``solid`` is
 #: non-enhancing solid tumour; necrosis and enhancing tissue are derived from it (see module doc).

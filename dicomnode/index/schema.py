@@ -2,8 +2,14 @@
 
 Why one: a schema that several owners create piecemeal (each in its own
 constructor) cannot be migrated as a whole; Alembic's migrations
-(``dicomnode/index/migrations``) describe this metadata, and start-up checks
-that the database is at the head revision before anything reads or writes.
+(``dicomnode/index/migrations``) describe this metadata, and start-up
+(``dicomnode.index.migrate``) brings the database to the head revision, or
+refuses, before anything reads or writes.
+
+This metadata must always equal the head revision: a change here comes with a
+new revision in ``migrations/versions`` (``tests/test_migrations.py`` compares
+the two on SQLite and PostgreSQL). Tables are never made with ``create_all``
+outside tests.
 
 Times are stored as UNIX epoch seconds (floats) so quiet-period arithmetic is
 plain and time-zone free.
@@ -17,6 +23,9 @@ from sqlalchemy import Index as SqlIndex
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+# Release 1's marker in ``meta.schema_version`` (it made its tables with create_all). A database with
+# this marker and no ``alembic_version`` is stamped as revision 0001; since Alembic, ``meta.schema_version``
+# mirrors the Alembic revision and ``alembic_version`` is the authority (see dicomnode.index.migrate).
 SCHEMA_VERSION = 1
 
 # Study version states. Later stages (the pipeline) add their own after COMPLETE.
@@ -50,6 +59,8 @@ class StudyVersion(Base):
     completed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     complete_reason: Mapped[str | None] = mapped_column(String(64), nullable=True)
     new_instances: Mapped[int] = mapped_column(Integer, default=0)
+    # when retention removed this version's files (NULL: not purged); revision 0002
+    purged_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class Series(Base):
@@ -104,7 +115,7 @@ class EventRow(Base):
     at: Mapped[float] = mapped_column(Float, index=True)
     kind: Mapped[str] = mapped_column(String(64), index=True)
     study_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
-    version_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    version_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)  # indexed since 0002
     message: Mapped[str] = mapped_column(Text)
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 

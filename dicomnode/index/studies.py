@@ -24,8 +24,9 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomnode.index.schema import (COMPLETE, RECEIVING, SCHEMA_VERSION, Base, EventRow, Instance, Meta, OwnObject,
-                                    Series, Study, StudyVersion, VersionSeries, make_engine)
+from dicomnode.index import migrate as _migrate
+from dicomnode.index.schema import (COMPLETE, RECEIVING, EventRow, Instance, OwnObject, Series, Study, StudyVersion,
+                                    VersionSeries, make_engine)
 from dicomnode.logs import uid_tag
 
 log = logging.getLogger(__name__)
@@ -126,16 +127,30 @@ class BoundedCache(OrderedDict[tuple[str, str], Any]):
 class Index:
     """Typed operations on the index; each method is one short transaction."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, migrate: bool = True) -> None:
+        """Open the index, first bringing its schema to this code's head revision.
+
+        ``migrate=True`` (the node, workers, tests): run the migrations (a fresh
+        database is created, a release-1 one adopted), safe when several
+        processes start at once. ``migrate=False``: only check, for processes
+        that must not change the schema (a read-only tool, or a site whose
+        operators run ``dicomnode db upgrade`` themselves). Either way a database
+        that is not at head afterwards raises ``migrate.SchemaError`` here,
+        before anything reads or writes a row.
+        """
         self.url = url
         self.engine = make_engine(url)
-        Base.metadata.create_all(self.engine)
+        try:
+            if migrate:
+                _migrate.upgrade(self.engine)
+            else:
+                _migrate.check_at_head(self.engine)
+        except BaseException:
+            self.engine.dispose()
+            raise
         self._session = sessionmaker(self.engine, expire_on_commit=False)
         # study/series UID -> ids; bounded, since a node runs for years
         self._ids: BoundedCache = BoundedCache(4096)
-        with self.session() as s:
-            if s.get(Meta, "schema_version") is None:
-                s.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
 
     def close(self) -> None:
         self.engine.dispose()

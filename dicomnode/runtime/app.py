@@ -23,12 +23,11 @@ from celery import Celery
 from kombu import Queue
 
 from dicomnode.config import Settings
-from dicomnode.index.jobs import QUEUE_OF
+from dicomnode.stages import QUEUE_OF, QUEUES
 
 log = logging.getLogger(__name__)
 
 STEP_TASK = "dicomnode.step"
-QUEUES: tuple[str, ...] = ("cpu", "gpu")
 
 # The process-wide step runner the task calls; set by whoever starts a worker
 # (the serve process for embedded mode, ``dicomnode worker`` otherwise).

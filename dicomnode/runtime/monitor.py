@@ -10,13 +10,13 @@ from typing import Any
 
 from dicomnode.config import Settings
 from dicomnode.index.studies import Index
-from dicomnode.index.jobs import STAGES, Jobs
+from dicomnode.index.jobs import Jobs
 from dicomnode.index.reports import Reports
+from dicomnode.stages import STAGE_NAMES as STAGES
+from dicomnode.stages.dispatch import Outbox
 
 
 def full_status(index: Index, settings: Settings) -> dict[str, Any]:
-    from dicomnode.stages.dispatch import Outbox
-
     doc = index.status()
     jobs = Jobs(index).all_by_version()
     reports = Reports(index, settings.data_path).by_version()

@@ -11,15 +11,15 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from celery import Celery
 
 from dicomnode.config import Settings
 from dicomnode.index.studies import Index
+from dicomnode.index.jobs import Jobs
 from dicomnode.runtime.app import EmbeddedWorker, make_app, send_step, set_runner_factory
-from dicomnode.index.jobs import STAGES, Jobs
 from dicomnode.runtime.runner import Runtime
+from dicomnode.stages import STAGE_NAMES as STAGES
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,6 @@ class Pipeline:
         self.after_dispatch = after_dispatch
         self.worker: EmbeddedWorker | None = None
         self.send = make_sender(self.app, index)
-        self.registry: tuple[Any, tuple[tuple[str, int, int], ...]] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -71,19 +70,16 @@ class Pipeline:
 
     # -- running ----------------------------------------------------------------------------
 
-    def install_runner(self) -> None:
-        """How this process runs steps. In embedded mode the node's Index (and its validated checkpoints) are shared."""
-        def factory() -> Runtime:
-            rt = Runtime(self.settings, self.index, send=self.send, after_dispatch=self.after_dispatch)
-            if self.registry is not None:
-                rt.use_registry(*self.registry)
-            return rt
-
-        set_runner_factory(factory)
+    def install_runner(self, queues: Sequence[str]) -> None:
+        """How this process runs steps (embedded mode shares the node's Index); the stages are warmed at once,
+        in the background, so the first study does not pay for imports and checkpoint validation."""
+        self.runtime = Runtime(self.settings, self.index, send=self.send, after_dispatch=self.after_dispatch)
+        self.runtime.warm_in_background(queues)
+        set_runner_factory(lambda: self.runtime)
 
     def start(self, queues: Sequence[str]) -> None:
         if queues:
-            self.install_runner()
+            self.install_runner(queues)
             self.worker = EmbeddedWorker(self.app, queues, concurrency=self.settings.worker_concurrency)
             self.worker.start()
             log.info("in-process worker consuming %s (%s)", ",".join(queues),
@@ -122,7 +118,9 @@ def run_worker(settings: Settings, queues: Sequence[str], *, concurrency: int | 
 
     def factory() -> Runtime:
         index = Index(settings.index_url)
-        return Runtime(settings, index, send=make_sender(app, index))
+        rt = Runtime(settings, index, send=make_sender(app, index))
+        rt.warm(queues)  # in the child, after the fork: CUDA and checkpoints are initialised there, never in the parent
+        return rt
 
     set_runner_factory(factory)
     argv = ["worker", "--queues", ",".join(queues), "--concurrency", str(concurrency or settings.worker_concurrency),

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 import re
@@ -39,7 +38,6 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,13 +45,14 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
+from dicomnode.index.studies import VersionInfo
 from dicomnode.logs import uid_tag as _uid_tag
-from dicomnode.handoff import SourceRef
+from dicomnode.stages.context import StageContext, graded_inputs
+from dicomnode.handoff import CONVERTED_NAME, ConvertedSeries, HandoffMissing, SourceImage, load_converted, save_converted  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-MANIFEST_NAME = "convert-manifest.json"
-MANIFEST_SCHEMA = "dicomnode.convert/1"
+MANIFEST_NAME = CONVERTED_NAME  # the hand-off file (dicomnode.handoff)
 DICOM2NIFTI = "dicom2nifti"
 DCM2NIIX = "dcm2niix"
 CONVERTERS: tuple[str, ...] = (DICOM2NIFTI, DCM2NIIX)
@@ -61,79 +60,6 @@ CONVERTERS: tuple[str, ...] = (DICOM2NIFTI, DCM2NIIX)
 ORIENTATION_ATOL = 1e-3
 DCM2NIIX_TIMEOUT_S = 300.0
 _ROLE_NAME = re.compile(r"^[A-Za-z0-9_]{1,32}$")
-# RAS (NIfTI world) <-> LPS (DICOM patient coordinates): flip x and y.
-_RAS_TO_LPS = np.array([-1.0, -1.0, 1.0])
-
-
-@dataclass
-class SourceImage:
-    """One source image (an instance, or a frame of a multi-frame instance) and where its plane lies."""
-
-    sop_instance_uid: str
-    sop_class_uid: str
-    frame: int | None  # 1-based for multi-frame objects; None for single-frame images
-    position: float  # mm along the series' slice normal (DICOM patient coordinates, LPS)
-    image_position: list[float]  # ImagePositionPatient (LPS, mm): centre of the first pixel
-
-
-@dataclass
-class ConvertedSeries:
-    """The outcome of converting one series: the volume or why there is none, and its source images.
-
-    ``normal`` is the unit slice normal (row direction x column direction) in
-    DICOM patient coordinates (LPS); ``images`` are sorted by ``position``.
-    ``fingerprint`` identifies the input files (paths, sizes, mtimes), so a
-    manifest can tell whether a stored conversion is still the conversion of
-    these files.
-    """
-
-    role: str
-    series_instance_uid: str
-    converter: str | None  # "dicom2nifti" | "dcm2niix"; None when nothing converted it
-    nifti: str | None  # absolute path of the volume; None on error
-    error: str | None  # one sentence: why the series could not be converted
-    seconds: float
-    normal: list[float] | None
-    images: list[SourceImage] = field(default_factory=list)
-    attempts: list[str] = field(default_factory=list)  # "<converter>: <why it failed>", in order
-    shape: list[int] | None = None
-    affine: list[list[float]] | None = None  # the NIfTI's voxel -> world (RAS, mm)
-    n_files: int = 0
-    fingerprint: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None and self.nifti is not None
-
-    def refs(self) -> list[SourceRef]:
-        """Every source image as the report references it (instance order by position)."""
-        return [SourceRef(self.series_instance_uid, im.sop_class_uid, im.sop_instance_uid, im.frame)
-                for im in self.images]
-
-    def nearest(self, world_ras: Sequence[float]) -> tuple[SourceRef, float]:
-        """The source image whose plane is nearest to a world point (NIfTI RAS, mm), and that distance (mm).
-
-        Distance is measured along the slice normal only: the images of one
-        series are parallel planes, so the nearest plane is the one to cite.
-        """
-        if not self.images or self.normal is None:
-            raise ValueError(f"series of role {self.role} has no source images to map to")
-        lps = np.asarray(world_ras, dtype=np.float64)[:3] * _RAS_TO_LPS
-        d = float(lps @ np.asarray(self.normal, dtype=np.float64))
-        positions = np.array([im.position for im in self.images])
-        k = int(np.argmin(np.abs(positions - d)))
-        im = self.images[k]
-        ref = SourceRef(self.series_instance_uid, im.sop_class_uid, im.sop_instance_uid, im.frame)
-        return ref, float(abs(positions[k] - d))
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str | Mapping[str, Any]) -> ConvertedSeries:
-        d = dict(json.loads(text) if isinstance(text, str) else text)
-        d["images"] = [SourceImage(**im) for im in d.get("images", [])]
-        return cls(**d)
 
 
 class _SeriesProblem(Exception):
@@ -325,13 +251,13 @@ def convert_series(files: Sequence[Path], out_file: Path, *, role: str, series_i
         raise ValueError(f"converters must be some of {CONVERTERS}, got {list(converters)}")
     files = [Path(f) for f in files]
     t0 = time.perf_counter()
-    result = ConvertedSeries(role=role, series_instance_uid=series_instance_uid, converter=None, nifti=None,
-                             error=None, seconds=0.0, normal=None, n_files=len(files),
-                             fingerprint=_fingerprint(files))
+    found: dict[str, Any] = {"images": [], "normal": None, "attempts": [], "shape": None, "affine": None,
+                             "converter": None, "nifti": None}
 
     def done(error: str | None) -> ConvertedSeries:
-        result.error = error
-        result.seconds = round(time.perf_counter() - t0, 4)
+        result = ConvertedSeries(role=role, series_instance_uid=series_instance_uid, error=error,
+                                 seconds=round(time.perf_counter() - t0, 4), n_files=len(files),
+                                 fingerprint=_fingerprint(files), **found)
         if error is not None:
             log.warning("series %s (%s): not converted: %s", role, _uid_tag(series_instance_uid), error)
         else:
@@ -353,7 +279,7 @@ def convert_series(files: Sequence[Path], out_file: Path, *, role: str, series_i
         return done(f"{sum(str(ds.get('SeriesInstanceUID', '')) != series_instance_uid for ds in datasets)} "
                     f"file(s) belong to another series")
     try:
-        result.images, result.normal = _source_images(datasets)
+        found["images"], found["normal"] = _source_images(datasets)
     except _SeriesProblem as exc:
         return done(str(exc))
     out_file.parent.mkdir(parents=True, exist_ok=True)
@@ -363,34 +289,24 @@ def convert_series(files: Sequence[Path], out_file: Path, *, role: str, series_i
         run = runners[name]
         try:
             run()
-            result.shape, result.affine = _nifti_geometry(out_file)
+            found["shape"], found["affine"] = _nifti_geometry(out_file)
         except Exception as exc:  # a converter's failure on this data: try the next one
-            result.attempts.append(f"{name}: {_short(exc)}")
+            found["attempts"].append(f"{name}: {_short(exc)}")
             continue
-        result.converter, result.nifti = name, str(out_file.resolve())
+        found["converter"], found["nifti"] = name, str(out_file.resolve())
         return done(None)
-    return done("no converter could convert the series (" + "; ".join(result.attempts) + ")")
+    return done("no converter could convert the series (" + "; ".join(found["attempts"]) + ")")
 
 
 # --------------------------------------------------------------------------- one study version
 
 
-def _read_manifest(path: Path) -> dict[str, Any]:
+def _read_manifest(work_dir: Path) -> dict[str, Any]:
+    """The previous run's entries as plain data (an unreadable or foreign manifest: nothing to reuse)."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        return {role: dataclasses.asdict(c) for role, c in load_converted(work_dir).items()}
+    except (HandoffMissing, TypeError, ValueError, KeyError):
         return {}
-    if not isinstance(data, dict) or data.get("schema") != MANIFEST_SCHEMA:
-        return {}
-    return dict(data.get("series", {}))
-
-
-def _write_manifest(path: Path, entries: Mapping[str, ConvertedSeries]) -> None:
-    body = {"schema": MANIFEST_SCHEMA,
-            "series": {role: dataclasses.asdict(c) for role, c in sorted(entries.items())}}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(body, indent=1, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def _reusable(entry: Any, series_uid: str, files: Sequence[Path]) -> ConvertedSeries | None:
@@ -414,8 +330,7 @@ def convert_version(series: Mapping[str, tuple[str, Sequence[Path]]], work_dir: 
     """
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    manifest = work_dir / MANIFEST_NAME
-    previous = _read_manifest(manifest)
+    previous = _read_manifest(work_dir)
     out: dict[str, ConvertedSeries] = {}
     for role, (uid, files) in series.items():
         if not _ROLE_NAME.match(role):
@@ -426,5 +341,19 @@ def convert_version(series: Mapping[str, tuple[str, Sequence[Path]]], work_dir: 
             out[role] = reused
             continue
         out[role] = convert_series(files, work_dir / f"{role}.nii", role=role, series_instance_uid=uid)
-    _write_manifest(manifest, out)
+    save_converted(work_dir, out)
     return out
+
+
+def run(ctx: StageContext, info: VersionInfo) -> dict[str, Any]:
+    """The convert stage: every selected grading series to NIfTI, once; its hand-off is the manifest.
+
+    The only stage that converts: preprocess, infer and report read
+    :func:`dicomnode.handoff.load_converted`. A series that cannot be converted
+    is recorded with its reason (the version is graded without it, and the SR
+    says so); only a failure of the stage itself (disk, a bug) fails the step,
+    visibly and retryably as ``convert``.
+    """
+    converted = convert_version(graded_inputs(ctx, info), ctx.nifti_dir(info))
+    return {role: {"converter": c.converter, "error": c.error, "seconds": round(c.seconds, 3)}
+            for role, c in converted.items()}

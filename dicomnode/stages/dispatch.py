@@ -33,7 +33,8 @@ from sqlalchemy.exc import IntegrityError
 
 from dicomnode.config import DestinationSettings, Settings
 from dicomnode.index.schema import Delivery
-from dicomnode.index.studies import Index
+from dicomnode.index.studies import Index, VersionInfo
+from dicomnode.stages.context import StageContext
 from dicomnode.logs import uid_tag
 from dicomnode.dicom.status import Outcome, Verdict, backoff_s, classify_status
 from dicomnode.dicom.peer import MAX_CONTEXTS, open_association
@@ -448,3 +449,23 @@ def _iso(t: float | None) -> str | None:
     if t is None:
         return None
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int((t % 1) * 1000):03d}Z"
+
+
+def outbox(ctx: StageContext) -> Outbox:
+    return ctx.memo("outbox", lambda: Outbox(ctx.index, ctx.settings))
+
+
+def run(ctx: StageContext, info: VersionInfo) -> dict[str, Any]:
+    """The dispatch stage: enqueue the version's report objects for every destination; the pump sends them."""
+    files = ctx.reports.files(info.version_id)
+    if not files:
+        return {"queued": 0, "why": "no report for this version"}
+    if not ctx.settings.destinations:
+        return {"queued": 0, "why": "no destinations configured"}
+    box = outbox(ctx)
+    n = box.enqueue([ctx.settings.data_path / f for f in files], study_id=info.study_id, version_id=info.version_id)
+    if ctx.after_dispatch is not None:
+        ctx.after_dispatch()
+    else:
+        box.pump()
+    return {"queued": n, "destinations": [d.name for d in ctx.settings.destinations]}

@@ -28,6 +28,7 @@ so a class the network gave exactly 0 stays finite.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import logging
 import math
@@ -42,9 +43,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from dicomnode.handoff import KeySlice, ModelResult, TaskResult
-from dicomnode.stages.convert import ConvertedSeries
-from models.base import TASKS
+from dicomnode.handoff import (ConvertedSeries, Declined, InputSeries, KeySlice, ModelResult, PreparedPlan, PreparedRun,
+                               SourceRef, TaskResult, VersionResult, load_converted)
+from dicomnode.index.studies import VersionInfo
+from dicomnode.stages.context import StageContext
+from dicomnode.stages.models import floor_settings, gate_settings, loosened_text, registry
+from dicomnode.stages.preprocess import gate_reasons
+from models.casefile import load_case
+from models.families import resolve_family
+from models.vocab import ROLES, TASKS
 from models.checkpoint import CheckpointError, LoadedCheckpoint
 from models.gate import FeatureStats, FloorSettings, GateSettings, case_measurements, check_features, withheld_sentence
 from models.preprocess import PreprocessedCase, to_batch, validate_spec
@@ -389,3 +396,110 @@ def check_case_features(selection: Selection, case: PreprocessedCase, cache: Mod
 
 __all__ = ["FeatureCheck", "ModelCache", "OUTSIDE_SERIES_MM", "calibrate", "check_case_features", "resolve_device",
            "run_model", "temperatures_of", "who_consistent", "withhold_under_floor"]
+
+
+# --------------------------------------------------------------------------- the infer stage
+
+
+def model_cache(ctx: StageContext) -> ModelCache:
+    """This process's loaded checkpoints (one per content hash), shared by every infer step."""
+    return ctx.memo("model_cache", ModelCache)
+
+
+def warm(ctx: StageContext) -> None:
+    """Validate the checkpoints once when the worker starts (a bad file is reported now, not per study)."""
+    registry(ctx)
+
+
+def _input_series(ctx: StageContext, info: VersionInfo, converted: Mapping[str, ConvertedSeries]) -> list[InputSeries]:
+    out = []
+    for vi in ctx.index.version_inputs(info.version_id):
+        if vi.status != "selected" or vi.role not in ROLES:
+            continue
+        c = converted.get(vi.role)
+        out.append(InputSeries(
+            role=vi.role, series_instance_uid=vi.series_instance_uid, series_number=vi.series_number,
+            series_description=vi.series_description,
+            instances=[SourceRef(vi.series_instance_uid, cls, uid) for _, cls, uid in vi.instances],
+            example_file=str(ctx.settings.data_path / vi.instances[0][0]),
+            converter=c.converter if c is not None else None, nifti=c.nifti if c is not None else None,
+            files=[str(ctx.settings.data_path / p) for p, _, _ in vi.instances]))
+    return out
+
+
+def _declined(run: PreparedRun, info_ck: CheckpointInfo, reasons: list[Any], stage: str,
+              flags: list[str]) -> Declined:
+    family = resolve_family(info_ck.family)
+    return Declined(family=family.name, paper=family.paper, checkpoint_name=info_ck.path.name,
+                    checkpoint_sha256=info_ck.sha256, input_roles=list(info_ck.input_roles), reasons=list(reasons),
+                    stage=stage, measurements=dict(run.measurements), prepared_case=run.case,
+                    quality_flags=list(flags))
+
+
+def run(ctx: StageContext, info: VersionInfo) -> dict[str, Any]:
+    """Run each model the gate let through; the feature distance is checked before a prediction is trusted.
+
+    Reads the convert and preprocess hand-offs. A declined model (measurements
+    at preprocess, features here) produces a :class:`Declined` record and no
+    grade. When no model grades, the cannot-grade sentence names every
+    declined model with its findings.
+    """
+    wd = ctx.work_dir(info)
+    plan = PreparedPlan.load(wd)
+    converted = load_converted(ctx.nifti_dir(info))
+    by_sha = {c.sha256: c for c in registry(ctx).checkpoints}
+    gs, floor = gate_settings(ctx.settings), floor_settings(ctx.settings)
+    cache = model_cache(ctx)
+    results: list[ModelResult] = []
+    declined: list[Declined] = []
+    flags: list[str] = []
+    gated = False  # did any model reach the gate (the SR then says whether it was loosened)
+    for run_ in plan.runs:
+        if run_.error or not run_.case:
+            flags.append(f"{run_.family} did not run: preprocessing failed ({run_.error})")
+            continue
+        info_ck = by_sha.get(run_.sha256)
+        if info_ck is None:
+            flags.append(f"{run_.family} did not run: its checkpoint {run_.sha256[:12]} is no longer registered")
+            continue
+        gated = True
+        if run_.gate:
+            declined.append(_declined(run_, info_ck, run_.gate, "measurements", run_.flags))
+            continue
+        sel = Selection(info_ck, resolve_family(info_ck.family), run_.reason)
+        try:
+            case = load_case(Path(run_.case))
+            check = check_case_features(sel, case, cache, gs, device=ctx.settings.device)
+            if check.finding is not None:
+                log.info("study %d version %d: %s declined by the gate (features)", info.study_id, info.version,
+                         sel.family.name)
+                declined.append(_declined(run_, info_ck, gate_reasons([check.finding]), "features",
+                                          case.meta.get("quality_flags", [])))
+                continue
+            result = run_model(sel, case, converted, cache, device=ctx.settings.device, floor=floor)
+        except Exception as exc:
+            log.warning("study %d version %d: %s failed: %s", info.study_id, info.version, run_.family, exc)
+            flags.append(f"{run_.family} did not run: inference failed ({type(exc).__name__}: {exc})")
+            continue
+        results.append(dataclasses.replace(result, prepared_case=run_.case, feature_distance=check.distance,
+                                           feature_threshold=check.threshold))
+    available = list(plan.available)
+    conversion_errors = [f"{role} could not be converted: {c.error}" for role, c in converted.items() if c.error]
+    cannot = None
+    if not results:
+        reasons = [d.sentence() for d in declined]
+        reasons += [d.reason for d in plan.decisions if not d.runs] + conversion_errors + flags
+        cannot = ("No model could grade this study. " + " ".join(reasons)).strip()
+    loosened = (loosened_text(gs, floor) or plan.gate_loosened) if gated else None
+    result = VersionResult(
+        study_instance_uid=info.study_instance_uid, study_id=info.study_id, version=info.version,
+        inputs=_input_series(ctx, info, converted), available_roles=available,
+        missing_roles=[r for r in ROLES if r not in available], decisions=list(plan.decisions), results=results,
+        cannot_grade=cannot,
+        quality_flags=conversion_errors + flags + sorted({f for r in plan.runs for f in r.flags}),
+        declined=declined, gate_loosened=loosened or None,
+    )
+    result.save(wd / "result.json")
+    return {"models": [r.family for r in results], "cannot_grade": cannot,
+            "declined": {d.family: [r.reason for r in d.reasons] for d in declined},
+            "findings": {r.family: {t.task: [t.label, round(t.probability, 4)] for t in r.tasks} for r in results}}

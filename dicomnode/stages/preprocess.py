@@ -27,6 +27,7 @@ Quality flags (strings, each one sentence, for the SR and ``status``):
 """
 from __future__ import annotations
 
+import logging
 import os
 import zipfile
 from collections.abc import Mapping, MutableMapping
@@ -37,8 +38,17 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from dicomnode.handoff import Decision, GateReason, PreparedPlan, PreparedRun, load_converted
+from dicomnode.index.studies import VersionInfo
+from dicomnode.stages.context import StageContext
+from dicomnode.stages.models import floor_settings, gate_settings, loosened_text, registry
 from models.casefile import CASE_FORMAT, load_case, plain, save_case
+from models.clinical import DirCache
+from models.gate import GateFinding, case_measurements, check_floor, check_measurements
 from models.preprocess import PreprocessedCase, PreprocessError, SpecError, apply_spec, validate_spec
+from models.vocab import ROLES
+
+log = logging.getLogger(__name__)
 
 
 class PrepareError(ValueError):
@@ -184,7 +194,6 @@ def quality_findings(spec: Mapping[str, Any], case: PreprocessedCase, settings: 
     - **brain cut**: the brain extends beyond the model's fixed field of view.
     ``settings`` is a :class:`models.gate.GateSettings`.
     """
-    from models.gate import GateFinding
 
     out: list[Any] = []
     big = _whole_head(spec, case.meta.get("quality") or {}, thresholds)
@@ -212,7 +221,6 @@ def gate_case(gate: Mapping[str, Any] | None, spec: Mapping[str, Any], case: Pre
     checkpoint's training ranges; then :func:`quality_findings`. Empty: the
     model may go on to inference (where the feature distance is checked).
     """
-    from models.gate import case_measurements, check_measurements
 
     findings = list(check_measurements(gate, case_measurements(case.meta), settings))
     return findings + quality_findings(spec, case, settings, thresholds)
@@ -220,3 +228,61 @@ def gate_case(gate: Mapping[str, Any] | None, spec: Mapping[str, Any], case: Pre
 
 __all__ = ["CASE_FORMAT", "CLINICAL_TRANSFORMS", "PrepareError", "QualityThresholds", "gate_case", "is_clinical",
            "load_case", "prepare", "quality_findings", "quality_flags", "save_case"]
+
+
+def gate_reasons(findings: Any) -> list[GateReason]:
+    """Gate findings (``models.gate.GateFinding``) as the hand-off's plain records."""
+    return [GateReason(name=f.name, value=f.value, unit=f.unit, low=f.low, high=f.high, reason=f.reason)
+            for f in findings]
+
+
+def run(ctx: StageContext, info: VersionInfo) -> dict[str, Any]:
+    """Prepare the case for each selected checkpoint (its own spec) and check its measurements (the gate).
+
+    Reads the convert stage's hand-off (never converts). A model whose case
+    falls outside its checkpoint's training ranges (or fails a quality check
+    that says the input is unlike its training data), or whose held-out grade
+    metrics fall under the node's floor, is declined in the plan with the
+    findings; the case is still saved, so the summary image can show what the
+    model would have seen.
+    """
+    converted = load_converted(ctx.nifti_dir(info))
+    available = [r for r in ROLES if r in converted and converted[r].nifti is not None]
+    gs, floor = gate_settings(ctx.settings), floor_settings(ctx.settings)
+    reg = registry(ctx)
+    prep_dir = ctx.work_dir(info) / "prep"
+    prep_dir.mkdir(exist_ok=True)
+    # one memo per study version: several checkpoints' specs (and a redelivered step) pay for
+    # bias fields, registrations and the brain mask once
+    memo = DirCache(ctx.work_dir(info) / "prep-memo")
+    runs: list[PreparedRun] = []
+    for sel in reg.select(available):
+        ck = sel.checkpoint
+        try:
+            case = prepare(ck.spec, {r: Path(converted[r].nifti or "") for r in ck.input_roles}, cache=memo)
+            path = prep_dir / f"{ck.sha256[:16]}.npz"
+            save_case(case, path)
+            reasons = gate_reasons(gate_case((ck.extra or {}).get("gate"), ck.spec, case, gs))
+            # the floor: a model whose GRADE the checkpoint's held-out metrics do not support is declined
+            # (with every task's reasons); a weaker IDH or 1p/19q alone is withheld at inference
+            under = check_floor(ck.metrics, list(sel.family.tasks), floor)
+            if "grade" in under:
+                reasons += gate_reasons([f for fs in under.values() for f in fs])
+            if reasons:
+                log.info("study %d version %d: %s declined by the gate (%d finding(s))", info.study_id,
+                         info.version, sel.family.name, len(reasons))
+            runs.append(PreparedRun(family=sel.family.name, sha256=ck.sha256, reason=sel.reason, case=str(path),
+                                    error=None, flags=list(case.meta.get("quality_flags", [])),
+                                    measurements=case_measurements(case.meta), gate=reasons))
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            log.warning("study %d version %d: preprocessing for %s failed: %s", info.study_id, info.version,
+                        sel.family.name, error)
+            runs.append(PreparedRun(family=sel.family.name, sha256=ck.sha256, reason=sel.reason, case=None,
+                                    error=error))
+    plan = PreparedPlan(available=available, runs=runs, gate_loosened=loosened_text(gs, floor),
+                        decisions=[Decision(d.family, d.runs, d.reason) for d in reg.explain(available)])
+    plan.save(ctx.work_dir(info))
+    return {"available": available, "models": [r.family for r in runs if r.case and not r.gate],
+            "declined": {r.family: [g.reason for g in r.gate] for r in runs if r.gate},
+            "errors": {r.family: r.error for r in runs if r.error}}

@@ -17,7 +17,7 @@ import numpy as np
 
 from dicomnode.synth.geometry import rotation_affine
 
-ROLES = ("T1", "T1CE", "T2", "FLAIR")
+from models.vocab import ROLES
 
 #: label values of :func:`phantom_labels`
 TISSUES = {

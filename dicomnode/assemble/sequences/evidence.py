@@ -16,8 +16,10 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence
+from itertools import chain
+from typing import Any, NamedTuple
 
 from pydicom.dataset import Dataset
 
@@ -273,7 +275,432 @@ def _agent_is_negative(agent: str) -> bool:
     return not norm or bool(NO_AGENT.fullmatch(norm))
 
 
-# --- the extractor ------------------------------------------------------------------
+# --- the extractors: one question each ----------------------------------------------
+#
+# Each returns the SeriesEvidence fields it answers.  Those that read every
+# instance and frame go through instances in the given order, each one's top
+# level before its frames, because "most common" ties, "first seen"
+# de-duplication and the order of contrast facts depend on it.  Only _geometry
+# can raise on a malformed header (PixelSpacing, ImageOrientationPatient); it
+# reads them in that same order, so the same header raises the same error.
+
+
+class _Instance(NamedTuple):
+    """One MR image instance with its frames' functional groups ([] for a classic instance).
+
+    Why: almost every question is asked of the top level and then of each frame;
+    listing the frames once spares each extractor re-walking the sequences.
+    """
+
+    ds: Dataset
+    frames: list[list[Dataset]]
+
+
+def _mode(values: Iterable[Any]) -> Any:
+    """The most frequent non-None value (the first seen wins a tie); None when there is none."""
+    counts = Counter(v for v in values if v is not None)
+    return counts.most_common(1)[0][0] if counts else None
+
+
+def _rounded(value: Any, ndigits: int, *, allow_zero: bool = False) -> float | None:
+    """The first number of ``value`` rounded to ``ndigits``; None when absent, negative or (unless ``allow_zero``) zero.
+
+    Why: a TR, TI, b-value or thickness of 0 means "not filled in" while TE 0 is a
+    value; rounding makes float noise from different consoles count as one value.
+    """
+    x = _num(value)
+    if x is None or x < 0 or (x == 0 and not allow_zero):
+        return None
+    return round(x, ndigits)
+
+
+def _angle(value: Any) -> float | None:
+    """The first number of ``value`` rounded to 0.1 degree, whatever its sign; None when absent."""
+    x = _num(value)
+    return None if x is None else round(x, 1)
+
+
+def _position(value: Any) -> tuple[float, ...] | None:
+    """ImagePositionPatient rounded to 0.1 mm; None when it is not numbers."""
+    try:
+        return tuple(round(float(x), 1) for x in value[:3])
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def _slice_normal(value: Any) -> tuple[float, float, float] | None:
+    """The unit slice normal of an ImageOrientationPatient; None when absent or degenerate.
+
+    A value too short to hold a column vector raises (IndexError): the series is then
+    OTHER, "headers could not be interpreted".
+    """
+    return _normal(value) if value is not None else None
+
+
+def _spacing(value: Any, *, tolerant: bool) -> tuple[float, float] | None:
+    """PixelSpacing (row, column) rounded to 0.1 um; None when absent or single-valued.
+
+    Why ``tolerant``: the classic top level has always skipped a non-numeric pair,
+    while a broken one in the functional groups raises (the series is then OTHER,
+    "headers could not be interpreted").
+    """
+    if value is None or len(value) < 2:
+        return None
+    try:
+        return (round(float(value[0]), 4), round(float(value[1]), 4))
+    except (TypeError, ValueError):
+        if tolerant:
+            return None
+        raise
+
+
+def _group_items(groups: Sequence[Dataset], keyword: str) -> Iterator[Dataset]:
+    """Every item of sequence ``keyword`` in each of one frame's groups (per-frame first, then shared)."""
+    for group in groups:
+        yield from group.get(keyword, None) or []
+
+
+def _mr_images(datasets: Sequence[Dataset]) -> list[Dataset]:
+    """The MR image instances of the series, each SOPInstanceUID once.
+
+    Why: the caller is meant to filter, but a stray Raw Data or SR object must never
+    reach the classifier; and the same image stored twice (e.g. in two transfer
+    syntaxes) is one image, not a repeated volume.  A dataset without SOPClassUID
+    or SOPInstanceUID is kept.
+    """
+    images: list[Dataset] = []
+    seen: set[str] = set()
+    for ds in datasets:
+        sop_class = str(ds.get("SOPClassUID", "") or "")
+        if sop_class and sop_class not in MR_IMAGE_SOP_CLASSES:
+            continue
+        sop_uid = str(ds.get("SOPInstanceUID", "") or "")
+        if sop_uid in seen:
+            continue
+        if sop_uid:
+            seen.add(sop_uid)
+        images.append(ds)
+    return images
+
+
+def _is_enhanced(images: Sequence[Dataset]) -> bool:
+    """Whether any instance carries functional groups (Enhanced or Legacy Enhanced MR).
+
+    Why: it is evidence in its own right, and vendor-private b-values are read only
+    from classic series.
+    """
+    return any("PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds for ds in images)
+
+
+def _counts(instances: Sequence[_Instance]) -> dict[str, Any]:
+    """How many instances, and how many images (frames; 1 per classic instance).
+
+    Why: images per slice position reveal dynamic and repeated series.
+    """
+    n_images = sum(max(int(_num(inst.ds.get("NumberOfFrames")) or 1), 1) for inst in instances)
+    return {"n_instances": len(instances), "n_images": n_images}
+
+
+def _names(first: Dataset) -> dict[str, Any]:
+    """SeriesDescription, ProtocolName and SequenceName (PulseSequenceName for Enhanced).
+
+    Why: vendor naming is the first source for the weighting and for most OTHER
+    gates; a series has one name, so the first instance's is read.
+    """
+    return {
+        "series_description": _text(first, "SeriesDescription"),
+        "protocol_name": _text(first, "ProtocolName"),
+        "sequence_name": _text(first, "SequenceName") or _text(first, "PulseSequenceName"),
+    }
+
+
+def _scanner(first: Dataset) -> dict[str, Any]:
+    """Manufacturer, field strength and SeriesNumber, from the first instance.
+
+    Why: context for the people reading the evidence, and SeriesNumber breaks
+    ties in selection.
+    """
+    series_number = _num(first.get("SeriesNumber"))
+    return {
+        "manufacturer": _text(first, "Manufacturer"),
+        "field_strength": _num(first.get("MagneticFieldStrength")),
+        "series_number": int(series_number) if series_number is not None else None,
+    }
+
+
+def _image_type(instances: Sequence[_Instance], first: Dataset) -> dict[str, Any]:
+    """ImageType / FrameType values, AcquisitionContrast and ComplexImageComponent.
+
+    Why: they say derived, phase, ADC, MPR, ... outright and (Enhanced) name the
+    weighting.  Every value over all instances and frames is kept, since one
+    derived or phase frame is enough to make a series unfit; the first instance's
+    ImageType is kept in order too, because its positions (ORIGINAL\\PRIMARY) rank
+    candidates.
+    """
+    values: set[str] = set()
+    contrasts: set[str] = set()
+    components: set[str] = set()
+    for inst in instances:
+        values.update(_strs(inst.ds.get("ImageType")))
+        contrasts.update(_strs(inst.ds.get("AcquisitionContrast")))
+        components.update(_strs(inst.ds.get("ComplexImageComponent")))
+        for groups in inst.frames:
+            values.update(_strs(_fg(groups, "MRImageFrameTypeSequence", "FrameType")))
+            contrasts.update(_strs(_fg(groups, "MRImageFrameTypeSequence", "AcquisitionContrast")))
+            components.update(_strs(_fg(groups, "MRImageFrameTypeSequence", "ComplexImageComponent")))
+    return {
+        "image_type": tuple(_strs(first.get("ImageType"))),
+        "image_type_values": frozenset(values),
+        "acquisition_contrast": frozenset(contrasts),
+        "complex_components": frozenset(components),
+    }
+
+
+def _sequence_kind(instances: Sequence[_Instance]) -> dict[str, Any]:
+    """The pulse-sequence family: ScanningSequence, variant, options, echo type, EPI and IR flags, 2D/3D.
+
+    Why: SE / GR / IR / EPI is half of the physics behind the weighting and feeds
+    the echo-planar gate.  Lists keep the scanner's order (evidence reads
+    ``ScanningSequence=SE\\IR``); a YES anywhere sets a flag.
+    """
+    scanning: dict[str, None] = {}  # dicts as ordered sets
+    variant: dict[str, None] = {}
+    options: dict[str, None] = {}
+    echo_pulse: list[str] = []
+    acq_types: list[str] = []
+    echo_planar: bool | None = None
+    inversion: bool | None = None
+    for inst in instances:
+        ds = inst.ds
+        scanning.update(dict.fromkeys(_strs(ds.get("ScanningSequence"))))
+        variant.update(dict.fromkeys(_strs(ds.get("SequenceVariant"))))
+        options.update(dict.fromkeys(_strs(ds.get("ScanOptions"))))
+        echo_pulse += _strs(ds.get("EchoPulseSequence"))
+        acq_types += _strs(ds.get("MRAcquisitionType"))
+        epi = _strs(ds.get("EchoPlanarPulseSequence"))
+        if epi:
+            echo_planar = bool(echo_planar) or epi[0] == "YES"
+        for groups in inst.frames:
+            ir = _strs(_fg(groups, "MRModifierSequence", "InversionRecovery"))
+            if ir:
+                inversion = bool(inversion) or ir[0] == "YES"
+    return {
+        "scanning_sequence": tuple(scanning),
+        "sequence_variant": tuple(variant),
+        "scan_options": tuple(options),
+        "echo_pulse_sequence": _mode(echo_pulse) or "",
+        "echo_planar": echo_planar,
+        "inversion_recovery": inversion,
+        "mr_acquisition_type": _mode(acq_types) or "",
+    }
+
+
+def _timing(instances: Sequence[_Instance]) -> dict[str, Any]:
+    """TR, TE, echo numbers, TI and flip angle (top level, then MR timing / echo / modifier groups).
+
+    Why: they decide T1 / T2 / FLAIR when the names do not.  TR, TI and flip angle
+    are the series' most common value; every distinct TE and echo number is kept,
+    because more than one means a multi-echo series.
+    """
+    trs: list[Any] = []
+    tes: list[Any] = []
+    tis: list[Any] = []
+    flips: list[Any] = []
+    echo_numbers: set[int] = set()
+    for inst in instances:
+        ds = inst.ds
+        trs.append(ds.get("RepetitionTime"))
+        tes.append(ds.get("EchoTime"))
+        echo_numbers.update(int(en) for en in _nums(ds.get("EchoNumbers")))
+        tis.append(ds.get("InversionTime"))
+        flips.append(ds.get("FlipAngle"))
+        for groups in inst.frames:
+            trs.append(_fg(groups, "MRTimingAndRelatedParametersSequence", "RepetitionTime"))
+            flips.append(_fg(groups, "MRTimingAndRelatedParametersSequence", "FlipAngle"))
+            tes.append(_fg(groups, "MREchoSequence", "EffectiveEchoTime"))
+            tis += _nums(_fg(groups, "MRModifierSequence", "InversionTimes"))
+    distinct_tes = {_rounded(te, 1, allow_zero=True) for te in tes} - {None}
+    return {
+        "repetition_time": _mode(_rounded(tr, 1) for tr in trs),
+        "echo_times": tuple(sorted(distinct_tes)),
+        "echo_numbers": tuple(sorted(echo_numbers)),
+        "inversion_time": _mode(_rounded(ti, 1) for ti in tis),
+        "flip_angle": _mode(_angle(fa) for fa in flips),
+    }
+
+
+def _diffusion(instances: Sequence[_Instance], enhanced: bool) -> dict[str, Any]:
+    """Diffusion b-values above 0 and DiffusionDirectionality other than NONE.
+
+    Why: any of them makes the series DWI, never a grading input.  Classic DWI
+    from GE and Siemens may carry its b-value only in a private tag, so that is
+    read too (classic series only).
+    """
+    b_values: list[Any] = []
+    directionality: set[str] = set()
+    for inst in instances:
+        b_values.append(inst.ds.get("DiffusionBValue"))
+        b_values.append(_private_b_value(inst.ds) if not enhanced else None)
+        directionality.update(_strs(inst.ds.get("DiffusionDirectionality")))
+        for groups in inst.frames:
+            b_values.append(_fg(groups, "MRDiffusionSequence", "DiffusionBValue"))
+            directionality.update(_strs(_fg(groups, "MRDiffusionSequence", "DiffusionDirectionality")))
+    directionality.discard("NONE")
+    distinct_bs = {_rounded(b, 0) for b in b_values} - {None}
+    return {"b_values": tuple(sorted(distinct_bs)), "diffusion_directionality": frozenset(directionality)}
+
+
+def _temporal_positions(instances: Sequence[_Instance]) -> int:
+    """Time points: the larger of NumberOfTemporalPositions and the distinct temporal position indices.
+
+    Why: a dynamic series (perfusion, DCE, repeated volumes) is never a grading input.
+    """
+    declared = 0
+    indices: list[Any] = []
+    for inst in instances:
+        ntp = _num(inst.ds.get("NumberOfTemporalPositions"))
+        if ntp is not None:
+            declared = max(declared, int(ntp))
+        indices.append(inst.ds.get("TemporalPositionIdentifier"))
+        indices += [_fg(groups, "FrameContentSequence", "TemporalPositionIndex") for groups in inst.frames]
+    distinct = {int(x) for x in map(_num, indices) if x is not None}
+    return max(declared, len(distinct))
+
+
+def _geometry(instances: Sequence[_Instance]) -> dict[str, Any]:
+    """Slice positions and normals, slice thickness and pixel spacing (top level, then plane / pixel measures groups).
+
+    Why: few positions or several orientations mean a localizer or a multi-stack
+    series; thickness and voxel size rank candidates for a role.
+    """
+    positions: set[tuple[float, ...] | None] = set()
+    normals: list[tuple[float, float, float] | None] = []
+    thicknesses: list[Any] = []
+    spacings: list[tuple[float, float] | None] = []
+    for inst in instances:
+        ds = inst.ds
+        thicknesses.append(ds.get("SliceThickness"))
+        spacings.append(_spacing(ds.get("PixelSpacing"), tolerant=True))
+        if "ImagePositionPatient" in ds:
+            positions.add(_position(ds.ImagePositionPatient))
+        normals.append(_slice_normal(ds.get("ImageOrientationPatient")))
+        for groups in inst.frames:
+            positions.add(_position(_fg(groups, "PlanePositionSequence", "ImagePositionPatient")))
+            normals.append(_slice_normal(_fg(groups, "PlaneOrientationSequence", "ImageOrientationPatient")))
+            thicknesses.append(_fg(groups, "PixelMeasuresSequence", "SliceThickness"))
+            spacings.append(_spacing(_fg(groups, "PixelMeasuresSequence", "PixelSpacing"), tolerant=False))
+    positions.discard(None)
+    return {
+        "n_positions": len(positions),
+        "n_orientations": _count_orientations(n for n in normals if n is not None),
+        "slice_thickness": _mode(_rounded(t, 2) for t in thicknesses),
+        "pixel_spacing": _mode(spacings),
+    }
+
+
+def _acquisition_time(instances: Sequence[_Instance]) -> str:
+    """The earliest acquisition time of the series, sortable; "" when unknown.
+
+    Why: selection prefers the later of two otherwise equal series (a repeat is
+    usually acquired because the first was degraded).  An Enhanced frame's
+    FrameAcquisitionDateTime is used only while no time has been found.
+    """
+    times: list[str] = []
+    for inst in instances:
+        acq = _acquisition_datetime(inst.ds)
+        if acq:
+            times.append(acq)
+        for groups in inst.frames:
+            fad = str(_fg(groups, "FrameContentSequence", "FrameAcquisitionDateTime") or "")
+            if fad and not times:
+                times.append(_dicom_datetime(fad[:8], fad[8:]))
+    return min(times) if times else ""
+
+
+def _anatomy(instances: Sequence[_Instance], first: Dataset) -> dict[str, Any]:
+    """BodyPartExamined (first instance) and the FrameAnatomy region meanings, upper case.
+
+    Why: a declared non-head body part makes the series OTHER whatever it is
+    called, and a declared head part keeps a non-head word from doing so.
+    """
+    regions: set[str] = set()
+    for inst in instances:
+        for groups in inst.frames:
+            for region in _group_items(groups, "FrameAnatomySequence"):
+                for code in region.get("AnatomicRegionSequence", None) or []:
+                    regions.add(str(code.get("CodeMeaning", "")).strip().upper())
+    regions.discard("")
+    return {"body_part": _text(first, "BodyPartExamined").upper(), "anatomic_regions": frozenset(regions)}
+
+
+def _bolus_module_facts(ds: Dataset) -> Iterator[tuple[bool, str]]:
+    """(agent given?, fact) from the Contrast/Bolus module at the top level (classic and Enhanced).
+
+    Why: an agent name, an amount, a start time or a coded agent says contrast was
+    given; an explicit "none" agent says it was not (and silences the start time,
+    which some consoles pre-fill).
+    """
+    agent = _text(ds, "ContrastBolusAgent")
+    if agent and _agent_is_negative(agent):
+        yield False, f"ContrastBolusAgent='{agent}' (explicitly no agent)"
+    elif agent:
+        yield True, f"ContrastBolusAgent='{agent}'"
+    for keyword in _CONTRAST_AMOUNT_KEYWORDS:
+        amount = _num(ds.get(keyword))
+        if amount is not None and amount > 0:
+            yield True, f"{keyword}={amount:g}"
+    start = _text(ds, "ContrastBolusStartTime")
+    if start and (agent == "" or not _agent_is_negative(agent)):
+        yield True, f"ContrastBolusStartTime={start}"
+    for item in ds.get("ContrastBolusAgentSequence", None) or []:
+        meaning = str(item.get("CodeMeaning", "") or item.get("CodeValue", "")).strip()
+        if meaning:
+            yield True, f"ContrastBolusAgentSequence '{meaning}'"
+
+
+def _usage_facts(frames: Sequence[list[Dataset]]) -> Iterator[tuple[bool, str]]:
+    """(agent given?, fact) from each frame's ContrastBolusUsageSequence (Enhanced MR).
+
+    Why: Enhanced MR records per frame whether an agent was administered or detected.
+    """
+    for groups in frames:
+        for usage in _group_items(groups, "ContrastBolusUsageSequence"):
+            given = _strs(usage.get("ContrastBolusAgentAdministered"))
+            detected = _strs(usage.get("ContrastBolusAgentDetected"))
+            if "YES" in given or "YES" in detected:
+                yield True, "ContrastBolusUsageSequence: agent administered/detected"
+            elif "NO" in given:
+                yield False, "ContrastBolusUsageSequence: agent not administered"
+
+
+def _nested_agent_facts(ds: Dataset) -> Iterator[tuple[bool, str]]:
+    """(agent given?, fact) for a ContrastBolusAgent nested anywhere in the functional groups.
+
+    Why: vendors vary (e.g. inside MRModifierSequence).  Only the shared item and
+    the first per-frame item are walked: contrast does not change from frame to
+    frame, and walking every frame of a 10 000-frame fMRI would be slow.
+    """
+    for group in _first_groups(ds):
+        for _keyword, value in _walk_keywords(group, {"ContrastBolusAgent"}):
+            text = str(value).strip()
+            if text and _agent_is_negative(text):
+                yield False, f"ContrastBolusAgent='{text}' in functional groups (explicitly no agent)"
+            elif text:
+                yield True, f"ContrastBolusAgent='{text}' in functional groups"
+
+
+def _contrast(instances: Sequence[_Instance]) -> dict[str, Any]:
+    """Facts that an agent was given, and facts that explicitly none was; each once, in the order found.
+
+    Why: they decide T1 vs T1CE; "explicitly none" is kept apart from "not
+    recorded" so that the classifier can weigh them against the description.
+    """
+    facts = [fact for inst in instances
+             for fact in chain(_bolus_module_facts(inst.ds), _usage_facts(inst.frames), _nested_agent_facts(inst.ds))]
+    return {
+        "contrast_positive": tuple(dict.fromkeys(text for given, text in facts if given)),
+        "contrast_negative": tuple(dict.fromkeys(text for given, text in facts if not given)),
+    }
 
 
 def extract_evidence(series_uid: str, datasets: Sequence[Dataset]) -> SeriesEvidence:
@@ -284,264 +711,23 @@ def extract_evidence(series_uid: str, datasets: Sequence[Dataset]) -> SeriesEvid
     object from ever reaching the classifier).  Duplicate SOPInstanceUIDs (the
     same image stored twice, e.g. in two transfer syntaxes) count once.
     """
-    images: list[Dataset] = []
-    seen: set[str] = set()
-    for ds in datasets:
-        sop_class = str(ds.get("SOPClassUID", "") or "")
-        if sop_class and sop_class not in MR_IMAGE_SOP_CLASSES:
-            continue
-        sop_uid = str(ds.get("SOPInstanceUID", "") or "")
-        if sop_uid:
-            if sop_uid in seen:
-                continue
-            seen.add(sop_uid)
-        images.append(ds)
-
+    images = _mr_images(datasets)
+    enhanced = _is_enhanced(images)
+    instances = [_Instance(ds, list(_frame_groups(ds))) for ds in images]
     first = images[0] if images else Dataset()
-    enhanced = any("PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
-                   for ds in images)
-
-    image_type_values: set[str] = set()
-    acquisition_contrast: set[str] = set()
-    complex_components: set[str] = set()
-    # dicts as ordered sets: evidence shows ScanningSequence=SE\\IR as the scanner wrote it
-    scanning: dict[str, None] = {}
-    variant: dict[str, None] = {}
-    options: dict[str, None] = {}
-    echo_pulse: Counter[str] = Counter()
-    echo_planar: bool | None = None
-    inversion_flag: bool | None = None
-    acq_types: Counter[str] = Counter()
-    trs: Counter[float] = Counter()
-    tes: set[float] = set()
-    echo_numbers: set[int] = set()
-    tis: Counter[float] = Counter()
-    flips: Counter[float] = Counter()
-    thicknesses: Counter[float] = Counter()
-    spacings: Counter[tuple[float, float]] = Counter()
-    b_values: set[float] = set()
-    directionality: set[str] = set()
-    temporal_indices: set[int] = set()
-    temporal_positions = 0
-    positions: set[tuple[float, float, float]] = set()
-    normals: list[tuple[float, float, float]] = []
-    anatomic: set[str] = set()
-    positive: list[str] = []
-    negative: list[str] = []
-    acq_times: list[str] = []
-    n_images = 0
-
-    def add_tr(v: Any) -> None:
-        x = _num(v)
-        if x is not None and x > 0:
-            trs[round(x, 1)] += 1
-
-    def add_te(v: Any) -> None:
-        x = _num(v)
-        if x is not None and x >= 0:
-            tes.add(round(x, 1))
-
-    def add_ti(v: Any) -> None:
-        x = _num(v)
-        if x is not None and x > 0:
-            tis[round(x, 1)] += 1
-
-    def add_position(v: Any) -> None:
-        try:
-            positions.add(tuple(round(float(x), 1) for x in v[:3]))  # type: ignore[arg-type]
-        except (TypeError, ValueError, IndexError):
-            pass
-
-    def add_orientation(v: Any) -> None:
-        if v is not None:
-            n = _normal(v)
-            if n is not None:
-                normals.append(n)
-
-    def add_b(v: Any) -> None:
-        x = _num(v)
-        if x is not None and x > 0:
-            b_values.add(round(x, 0))
-
-    def note(facts: list[str], fact: str) -> None:
-        if fact not in facts:
-            facts.append(fact)
-
-    for ds in images:
-        frames = max(int(_num(ds.get("NumberOfFrames")) or 1), 1)
-        n_images += frames
-        image_type_values.update(_strs(ds.get("ImageType")))
-        acquisition_contrast.update(_strs(ds.get("AcquisitionContrast")))
-        complex_components.update(_strs(ds.get("ComplexImageComponent")))
-        scanning.update(dict.fromkeys(_strs(ds.get("ScanningSequence"))))
-        variant.update(dict.fromkeys(_strs(ds.get("SequenceVariant"))))
-        options.update(dict.fromkeys(_strs(ds.get("ScanOptions"))))
-        for eps in _strs(ds.get("EchoPulseSequence")):
-            echo_pulse[eps] += 1
-        epi = _strs(ds.get("EchoPlanarPulseSequence"))
-        if epi:
-            echo_planar = bool(echo_planar) or epi[0] == "YES"
-        for t in _strs(ds.get("MRAcquisitionType")):
-            acq_types[t] += 1
-        add_tr(ds.get("RepetitionTime"))
-        add_te(ds.get("EchoTime"))
-        for en in _nums(ds.get("EchoNumbers")):
-            echo_numbers.add(int(en))
-        add_ti(ds.get("InversionTime"))
-        x = _num(ds.get("FlipAngle"))
-        if x is not None:
-            flips[round(x, 1)] += 1
-        x = _num(ds.get("SliceThickness"))
-        if x is not None and x > 0:
-            thicknesses[round(x, 2)] += 1
-        ps = ds.get("PixelSpacing")
-        if ps is not None and len(ps) >= 2:
-            try:
-                spacings[(round(float(ps[0]), 4), round(float(ps[1]), 4))] += 1
-            except (TypeError, ValueError):
-                pass
-        add_b(ds.get("DiffusionBValue"))
-        add_b(_private_b_value(ds) if not enhanced else None)
-        directionality.update(d for d in _strs(ds.get("DiffusionDirectionality")) if d != "NONE")
-        ntp = _num(ds.get("NumberOfTemporalPositions"))
-        if ntp is not None:
-            temporal_positions = max(temporal_positions, int(ntp))
-        tpi = _num(ds.get("TemporalPositionIdentifier"))
-        if tpi is not None:
-            temporal_indices.add(int(tpi))
-        if "ImagePositionPatient" in ds:
-            add_position(ds.ImagePositionPatient)
-        add_orientation(ds.get("ImageOrientationPatient"))
-        acq = _acquisition_datetime(ds)
-        if acq:
-            acq_times.append(acq)
-
-        # Contrast/Bolus module (classic and Enhanced top level).
-        agent = _text(ds, "ContrastBolusAgent")
-        if agent:
-            if _agent_is_negative(agent):
-                note(negative, f"ContrastBolusAgent='{agent}' (explicitly no agent)")
-            else:
-                note(positive, f"ContrastBolusAgent='{agent}'")
-        for kw in _CONTRAST_AMOUNT_KEYWORDS:
-            amount = _num(ds.get(kw))
-            if amount is not None and amount > 0:
-                note(positive, f"{kw}={amount:g}")
-        start = _text(ds, "ContrastBolusStartTime")
-        if start and (agent == "" or not _agent_is_negative(agent)):
-            note(positive, f"ContrastBolusStartTime={start}")
-        for item in ds.get("ContrastBolusAgentSequence", None) or []:
-            meaning = str(item.get("CodeMeaning", "") or item.get("CodeValue", "")).strip()
-            if meaning:
-                note(positive, f"ContrastBolusAgentSequence '{meaning}'")
-
-        # Enhanced MR: the same facts, per frame, from the functional groups.
-        for groups in _frame_groups(ds):
-            for t in _strs(_fg(groups, "MRImageFrameTypeSequence", "FrameType")):
-                image_type_values.add(t)
-            acquisition_contrast.update(_strs(_fg(groups, "MRImageFrameTypeSequence", "AcquisitionContrast")))
-            complex_components.update(_strs(_fg(groups, "MRImageFrameTypeSequence", "ComplexImageComponent")))
-            add_tr(_fg(groups, "MRTimingAndRelatedParametersSequence", "RepetitionTime"))
-            fa = _num(_fg(groups, "MRTimingAndRelatedParametersSequence", "FlipAngle"))
-            if fa is not None:
-                flips[round(fa, 1)] += 1
-            add_te(_fg(groups, "MREchoSequence", "EffectiveEchoTime"))
-            ir = _strs(_fg(groups, "MRModifierSequence", "InversionRecovery"))
-            if ir:
-                inversion_flag = bool(inversion_flag) or ir[0] == "YES"
-            for ti in _nums(_fg(groups, "MRModifierSequence", "InversionTimes")):
-                add_ti(ti)
-            add_b(_fg(groups, "MRDiffusionSequence", "DiffusionBValue"))
-            directionality.update(d for d in _strs(_fg(groups, "MRDiffusionSequence", "DiffusionDirectionality"))
-                                  if d != "NONE")
-            tpi = _num(_fg(groups, "FrameContentSequence", "TemporalPositionIndex"))
-            if tpi is not None:
-                temporal_indices.add(int(tpi))
-            pos = _fg(groups, "PlanePositionSequence", "ImagePositionPatient")
-            if pos is not None:
-                add_position(pos)
-            add_orientation(_fg(groups, "PlaneOrientationSequence", "ImageOrientationPatient"))
-            th = _num(_fg(groups, "PixelMeasuresSequence", "SliceThickness"))
-            if th is not None and th > 0:
-                thicknesses[round(th, 2)] += 1
-            ps = _fg(groups, "PixelMeasuresSequence", "PixelSpacing")
-            if ps is not None and len(ps) >= 2:
-                spacings[(round(float(ps[0]), 4), round(float(ps[1]), 4))] += 1
-            fad = str(_fg(groups, "FrameContentSequence", "FrameAcquisitionDateTime") or "")
-            if fad and not acq_times:
-                acq_times.append(_dicom_datetime(fad[:8], fad[8:]))
-            for group in groups:
-                for region in group.get("FrameAnatomySequence", None) or []:
-                    for code in region.get("AnatomicRegionSequence", None) or []:
-                        meaning = str(code.get("CodeMeaning", "")).strip().upper()
-                        if meaning:
-                            anatomic.add(meaning)
-                for usage in group.get("ContrastBolusUsageSequence", None) or []:
-                    given = _strs(usage.get("ContrastBolusAgentAdministered"))
-                    detected = _strs(usage.get("ContrastBolusAgentDetected"))
-                    if "YES" in given or "YES" in detected:
-                        note(positive, "ContrastBolusUsageSequence: agent administered/detected")
-                    elif "NO" in given:
-                        note(negative, "ContrastBolusUsageSequence: agent not administered")
-
-        # Any ContrastBolusAgent nested elsewhere in the functional groups (vendors
-        # vary, e.g. inside MRModifierSequence).  Walk the shared item and the
-        # first per-frame item only: contrast does not change from frame to frame,
-        # and walking every frame of a 10 000-frame fMRI would be slow.
-        for group in _first_groups(ds):
-            for _kw, value in _walk_keywords(group, {"ContrastBolusAgent"}):
-                text = str(value).strip()
-                if text and _agent_is_negative(text):
-                    note(negative, f"ContrastBolusAgent='{text}' in functional groups (explicitly no agent)")
-                elif text:
-                    note(positive, f"ContrastBolusAgent='{text}' in functional groups")
-
-    if temporal_indices:
-        temporal_positions = max(temporal_positions, len(temporal_indices))
-    ti = tis.most_common(1)[0][0] if tis else None
-    echo_pulse_sequence = echo_pulse.most_common(1)[0][0] if echo_pulse else ""
-    sequence_name = _text(first, "SequenceName") or _text(first, "PulseSequenceName")
-    series_number = _num(first.get("SeriesNumber"))
-    body_part = _text(first, "BodyPartExamined").upper()
-    field = _num(first.get("MagneticFieldStrength"))
-
     return SeriesEvidence(
         series_uid=series_uid,
-        n_instances=len(images),
-        n_images=n_images,
-        n_positions=len(positions),
-        n_orientations=_count_orientations(normals),
         enhanced=enhanced,
-        manufacturer=_text(first, "Manufacturer"),
-        series_description=_text(first, "SeriesDescription"),
-        protocol_name=_text(first, "ProtocolName"),
-        sequence_name=sequence_name,
-        image_type=tuple(_strs(first.get("ImageType"))),
-        image_type_values=frozenset(image_type_values),
-        acquisition_contrast=frozenset(acquisition_contrast),
-        complex_components=frozenset(complex_components),
-        scanning_sequence=tuple(scanning),
-        sequence_variant=tuple(variant),
-        scan_options=tuple(options),
-        echo_pulse_sequence=echo_pulse_sequence,
-        echo_planar=echo_planar,
-        inversion_recovery=inversion_flag,
-        mr_acquisition_type=acq_types.most_common(1)[0][0] if acq_types else "",
-        repetition_time=trs.most_common(1)[0][0] if trs else None,
-        echo_times=tuple(sorted(tes)),
-        echo_numbers=tuple(sorted(echo_numbers)),
-        inversion_time=ti,
-        flip_angle=flips.most_common(1)[0][0] if flips else None,
-        field_strength=field,
-        slice_thickness=thicknesses.most_common(1)[0][0] if thicknesses else None,
-        pixel_spacing=spacings.most_common(1)[0][0] if spacings else None,
-        b_values=tuple(sorted(b_values)),
-        diffusion_directionality=frozenset(directionality),
-        temporal_positions=temporal_positions,
-        body_part=body_part,
-        anatomic_regions=frozenset(anatomic),
-        contrast_positive=tuple(positive),
-        contrast_negative=tuple(negative),
-        acquisition_datetime=min(acq_times) if acq_times else "",
-        series_number=int(series_number) if series_number is not None else None,
+        temporal_positions=_temporal_positions(instances),
+        acquisition_datetime=_acquisition_time(instances),
+        **_counts(instances),
+        **_names(first),
+        **_scanner(first),
+        **_image_type(instances, first),
+        **_sequence_kind(instances),
+        **_timing(instances),
+        **_diffusion(instances, enhanced),
+        **_geometry(instances),
+        **_anatomy(instances, first),
+        **_contrast(instances),
     )

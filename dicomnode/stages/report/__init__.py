@@ -17,14 +17,18 @@ content items, ``codes`` the coded concepts (with where each was verified),
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import logging
-import os
 from pathlib import Path
+from typing import Any
 
 from pydicom.dataset import Dataset
 
+from dicomnode.files import write_atomic
 from dicomnode.handoff import VersionResult
+from dicomnode.index.studies import VersionInfo
+from dicomnode.stages.context import StageContext, package_version
 
 from dicomnode.stages.report.render import describe, render_html, summary_png
 from dicomnode.stages.report.sop import build_sr, report_uids
@@ -37,20 +41,8 @@ SUMMARY_FILE = "summary.dcm"
 
 
 def _write_atomic(ds: Dataset, path: Path) -> None:
-    """tmp + fsync + rename + fsync(dir): a reader (dispatch) never sees half a report, even after a crash."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        ds.save_as(tmp, enforce_file_format=True)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """A reader (dispatch) never sees half a report, even after a crash."""
+    write_atomic(path, lambda tmp: ds.save_as(tmp, enforce_file_format=True))
 
 
 def write_reports(result: VersionResult, out_dir: Path, *, algorithm_version: str, summary_image: bool = True,
@@ -76,6 +68,28 @@ def write_reports(result: VersionResult, out_dir: Path, *, algorithm_version: st
         (out_dir / SUMMARY_FILE).unlink(missing_ok=True)
     log.info("wrote %d report object(s) for study %s version %s", len(objects), result.study_id, result.version)
     return [path for _, path in objects]
+
+
+def run(ctx: StageContext, info: VersionInfo) -> dict[str, Any]:
+    """The report stage: the SR (and summary image) of the version's result; it supersedes the previous version's."""
+    wd = ctx.work_dir(info)
+    result = VersionResult.load(wd / "result.json")
+    result = dataclasses.replace(
+        result,
+        timings={stage: v.get("seconds") or 0.0 for stage, v in ctx.jobs.of_version(info.version_id).items()
+                 if stage in ("convert", "preprocess", "infer")},
+        supersedes=ctx.reports.previous(info.study_id, info.version))
+    if result.cannot_grade and not ctx.settings.report_cannot_grade:
+        ctx.reports.record(info, [], result, sent_report=False)
+        return {"report": None, "why": "cannot grade and report_cannot_grade is off",
+                "cannot_grade": result.cannot_grade}
+    out_dir = ctx.settings.data_path / "reports" / f"study-{info.study_id}" / f"v{info.version}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = write_reports(result, out_dir, summary_image=ctx.settings.summary_image,
+                          algorithm_version=package_version())
+    ctx.reports.record(info, files, result, sent_report=True)
+    return {"files": [str(p.relative_to(ctx.settings.data_path)) for p in files],
+            "cannot_grade": result.cannot_grade}
 
 
 __all__ = ["build_sr", "build_summary", "report_uids", "write_reports", "describe", "render_html",

@@ -1,0 +1,1 @@
+"""The revisions, oldest first by file name (``0001_...``). Alembic skips this file."""
