@@ -42,11 +42,11 @@ for p in (REPO, REPO / "tests"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
+from dicomnode.stages import STAGE_NAMES as STAGES  # noqa: E402  (the one stage list)
 from dicomnode.synth import make_phantom, write_study  # noqa: E402
 from nodeutil import NodeProcess, free_port  # noqa: E402
 from pacs import Orthanc  # noqa: E402
 
-STAGES = ("convert", "preprocess", "infer", "report", "dispatch")
 
 
 def _epoch(iso: str) -> float:

@@ -27,8 +27,17 @@ from pydicom import dcmread
 from pynetdicom import AE, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
+from pydicom.uid import generate_uid
 
 from dicomnode.config import Settings
+from dicomnode.dicom.scu import Destination, send
+from dicomnode.node import Node
+from dicomnode.runtime.monitor import full_status
+from dicomnode.stages.report.render import describe, render_html, summary_png
+from dicomnode.synth import write_study
+from models.registry import CheckpointRegistry
+from training.cohort import generate_cohort
+from training.demo import make_demo_checkpoints, summary_lines
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +89,6 @@ def held_out_study(case_dir: Path, out_dir: Path, *, roles: tuple[str, ...], see
     A new Study Instance UID per call: a second demo run is a new study, not
     duplicates of the first one.
     """
-    from pydicom.uid import generate_uid
-
-    from dicomnode.synth import write_study
-
     volumes: dict[str, np.ndarray] = {}
     affine = None
     for role in roles:
@@ -110,13 +115,6 @@ def _stage_table(version: dict[str, Any]) -> str:
 def run_demo(settings: Settings, workdir: Path, *, without_t1ce: bool = False, timeout_s: float = 900.0,
              quick: bool = False, echo: Any = print) -> int:
     """Everything the module docstring says; returns a process exit code."""
-    from models.registry import CheckpointRegistry
-
-    from dicomnode.node import Node
-    from dicomnode.runtime.monitor import full_status
-    from dicomnode.stages.report.render import describe, render_html, summary_png
-    from dicomnode.dicom.scu import Destination, send
-
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -125,8 +123,6 @@ def run_demo(settings: Settings, workdir: Path, *, without_t1ce: bool = False, t
     registry = CheckpointRegistry(ck_dir)
     case_dirs: list[Path] = []
     if not registry.checkpoints:
-        from training.demo import make_demo_checkpoints, summary_lines
-
         echo(f"No checkpoint in {ck_dir}: training demo checkpoints on a synthetic cohort "
              f"(synthetic data only, NOT for clinical use; "
              f"{'--quick: tiny models that grade nothing meaningfully' if quick else 'a few minutes on 2 CPU cores'}) ...")
@@ -139,8 +135,6 @@ def run_demo(settings: Settings, workdir: Path, *, without_t1ce: bool = False, t
     else:
         echo(f"Using {len(registry.checkpoints)} checkpoint(s) from {ck_dir}")
     if not case_dirs:
-        from training.cohort import generate_cohort
-
         cohort = workdir / "cohort"
         if not any(cohort.glob("*/")):
             generate_cohort(cohort, profile="small", seed=7, n_cases=2)
