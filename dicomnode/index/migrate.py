@@ -197,13 +197,21 @@ def _refusal(url: URL, found: str | None, *, legacy: bool = False) -> SchemaErro
     where = _where(url)
     if found is not None and found not in known_revisions():
         return SchemaError(
-            f"index database {where} is at schema revision {found}, newer than this dicomnode's {head}: "
-            f"a newer dicomnode has upgraded it, so run that version (or restore the backup taken before "
-            f"its upgrade); this node does not downgrade a database.")
+            f"index database {where} is at schema revision {found}, newer than this dicomnode's {head} "
+            f"(a newer dicomnode upgraded it): install that newer dicomnode here, or restore the backup taken "
+            f"before its upgrade; this node never downgrades a database.")
     what = (f"revision {found}" if found else
             "no schema revision (made by release 1)" if legacy else "no schema (empty)")
     return SchemaError(f"index database {where} has {what} but this dicomnode expects revision {head}: "
                        f"back it up and run `{UPGRADE_COMMAND}`.")
+
+
+def _refuse_if_ahead(conn: Connection, found: str | None) -> None:
+    """A revision this code does not know was written by a newer node: Alembic could not even walk from it."""
+    if found is not None and found not in known_revisions():
+        refusal = _refusal(conn.engine.url, found)
+        assert refusal is not None
+        raise refusal
 
 
 def _is_legacy(conn: Connection) -> bool:
@@ -264,8 +272,7 @@ def upgrade(db: EngineOrUrl, revision: str = "head") -> str:
             return target
     with _alembic_lock, _locked(db) as conn:
         found = _revision_of(conn)
-        if found is not None and found not in known_revisions():
-            raise _refusal(conn.engine.url, found) or SchemaError(found)
+        _refuse_if_ahead(conn, found)
         cfg = alembic_config(conn)
         if found is None and _is_legacy(conn):
             log.warning("index database %s was made by release 1 (meta.schema_version=1, no alembic_version): "
@@ -279,8 +286,9 @@ def upgrade(db: EngineOrUrl, revision: str = "head") -> str:
                         _where(conn.engine.url), found, target)
         if found != target:
             command.upgrade(cfg, target)
-        _sync_meta(conn, target)
-    return target
+        now = _revision_of(conn) or target
+        _sync_meta(conn, now)
+    return now
 
 
 def downgrade(db: EngineOrUrl, revision: str) -> str:
@@ -290,9 +298,7 @@ def downgrade(db: EngineOrUrl, revision: str) -> str:
     is lost: take a backup first.
     """
     with _alembic_lock, _locked(db) as conn:
-        found = _revision_of(conn)
-        if found is not None and found not in known_revisions():
-            raise _refusal(conn.engine.url, found) or SchemaError(found)
+        _refuse_if_ahead(conn, _revision_of(conn))
         command.downgrade(alembic_config(conn), revision)
         now = _revision_of(conn)
         if now is not None:

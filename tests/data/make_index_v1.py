@@ -300,8 +300,12 @@ def main() -> int:
             insert_rows(c)
         engine.dispose()
         con = sqlite3.connect(path)
-        text = "\n".join(con.iterdump()) + "\n"
+        statements = list(con.iterdump())
         con.close()
+    # create_all emits a table's indexes in set order (varies per run): sort them so the dump is reproducible
+    indexes = sorted(s for s in statements if s.startswith("CREATE INDEX"))
+    rest = [s for s in statements if not s.startswith("CREATE INDEX") and s != "COMMIT;"]
+    text = "\n".join([*rest, *indexes, "COMMIT;"]) + "\n"
     header = ("-- An index database as dicomnode release 1 (before Alembic) created it, with synthetic rows (no PHI).\n"
               "-- Made by tests/data/make_index_v1.py (sqlite3 iterdump); loaded by tests/test_migrations.py.\n")
     DUMP.write_text(header + text, encoding="utf-8")
