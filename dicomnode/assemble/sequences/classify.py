@@ -89,7 +89,7 @@ _NOT_GRADED = {
 
 
 @dataclass(frozen=True)
-class Decision:
+class RoleDecision:
     """The classifier's answer for one series (before selection among candidates)."""
 
     role: str
@@ -387,7 +387,7 @@ def _contrast(ev: SeriesEvidence, words: _Words) -> tuple[bool, list[str], str]:
     return False, header_neg or ["no contrast agent in headers or description"], "no contrast agent recorded"
 
 
-def classify(ev: SeriesEvidence, rules: SiteRules | None = None) -> Decision:
+def classify(ev: SeriesEvidence, rules: SiteRules | None = None) -> RoleDecision:
     """Decide the role of one series from its evidence (see the module docstring for the order)."""
     words = _read_words(ev)
 
@@ -398,16 +398,16 @@ def classify(ev: SeriesEvidence, rules: SiteRules | None = None) -> Decision:
             rule, value = hit
             post = _contrast(ev, words)[0]
             line = rule.describe(value)
-            return Decision(role=rule.role, reason=f"{rule.role}: {line}", evidence=(line,),
-                            post_contrast=post if rule.role != "T1CE" else True, site_rule=rule.number)
+            return RoleDecision(role=rule.role, reason=f"{rule.role}: {line}", evidence=(line,),
+                                post_contrast=post if rule.role != "T1CE" else True, site_rule=rule.number)
 
     friends = [f"false friend {n}" for n in words.false_friends]
     gates = _gates(ev, words)
     if gates:
         name, facts = gates[0]
         evidence = [f for _, fs in gates for f in fs] + friends
-        return Decision(role="OTHER", reason=f"OTHER: {name} ({'; '.join(facts[:2])})",
-                        evidence=tuple(dict.fromkeys(evidence)))
+        return RoleDecision(role="OTHER", reason=f"OTHER: {name} ({'; '.join(facts[:2])})",
+                            evidence=tuple(dict.fromkeys(evidence)))
 
     text_label, text_facts, text_source = _text_weighting(words, ev)
     phys_label, phys_summary, phys_facts, ir_known = _physics(ev, words)
@@ -419,18 +419,19 @@ def classify(ev: SeriesEvidence, rules: SiteRules | None = None) -> Decision:
             facts.append("TI not recorded: long TR/TE consistent with FLAIR")
         else:
             src = text_source if text_source in ("AcquisitionContrast", "ImageType") else _named_by(ev)[0]
-            return Decision(role="OTHER", reason=(f"OTHER: conflicting evidence ({src} says {text_label}, "
-                                                  f"{phys_summary} says {phys_label})"),
-                            evidence=tuple(dict.fromkeys(facts)))
+            return RoleDecision(role="OTHER", reason=(f"OTHER: conflicting evidence ({src} says {text_label}, "
+                                                      f"{phys_summary} says {phys_label})"),
+                                evidence=tuple(dict.fromkeys(facts)))
     else:
         label = text_label or phys_label
     if label is None:
         why = text_source if text_source and text_facts else phys_summary
-        return Decision(role="OTHER", reason=f"OTHER: no T1/T2/FLAIR evidence ({why})",
-                        evidence=tuple(dict.fromkeys(facts or [phys_summary])))
+        return RoleDecision(role="OTHER", reason=f"OTHER: no T1/T2/FLAIR evidence ({why})",
+                            evidence=tuple(dict.fromkeys(facts or [phys_summary])))
     if label in _NOT_GRADED:
-        return Decision(role="OTHER", reason=f"OTHER: {_NOT_GRADED[label]} ({phys_summary if phys_label else text_source})",
-                        evidence=tuple(dict.fromkeys(facts)))
+        source = phys_summary if phys_label else text_source
+        return RoleDecision(role="OTHER", reason=f"OTHER: {_NOT_GRADED[label]} ({source})",
+                            evidence=tuple(dict.fromkeys(facts)))
 
     parts = []
     if phys_label == label:
@@ -450,5 +451,5 @@ def classify(ev: SeriesEvidence, rules: SiteRules | None = None) -> Decision:
     elif post:
         parts.append(f"post-contrast ({cphrase})")
     evidence = facts + (cfacts if (label == "T1" or post) else [])
-    return Decision(role=role, reason=f"{role}: " + "; ".join(p for p in parts if p),
-                    evidence=tuple(dict.fromkeys(evidence)), post_contrast=post)
+    return RoleDecision(role=role, reason=f"{role}: " + "; ".join(p for p in parts if p),
+                        evidence=tuple(dict.fromkeys(evidence)), post_contrast=post)

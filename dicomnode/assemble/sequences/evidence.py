@@ -305,8 +305,8 @@ def _mode(values: Iterable[Any]) -> Any:
 def _rounded(value: Any, ndigits: int, *, allow_zero: bool = False) -> float | None:
     """The first number of ``value`` rounded to ``ndigits``; None when absent, negative or (unless ``allow_zero``) zero.
 
-    Why: a TR, TI, b-value or thickness of 0 means "not filled in" while TE 0 is a
-    value; rounding makes float noise from different consoles count as one value.
+    Why: TR, TI, b-values and thickness count only above 0, while a TE of 0 is
+    kept; rounding makes values that differ by float noise count as one.
     """
     x = _num(value)
     if x is None or x < 0 or (x == 0 and not allow_zero):
@@ -417,8 +417,8 @@ def _names(first: Dataset) -> dict[str, Any]:
 def _scanner(first: Dataset) -> dict[str, Any]:
     """Manufacturer, field strength and SeriesNumber, from the first instance.
 
-    Why: context for the people reading the evidence, and SeriesNumber breaks
-    ties in selection.
+    Why: SeriesNumber names a series in reasons and breaks ties in selection; the
+    scanner facts are kept in the summary for whoever reads it.
     """
     series_number = _num(first.get("SeriesNumber"))
     return {
@@ -456,43 +456,51 @@ def _image_type(instances: Sequence[_Instance], first: Dataset) -> dict[str, Any
     }
 
 
-def _sequence_kind(instances: Sequence[_Instance]) -> dict[str, Any]:
-    """The pulse-sequence family: ScanningSequence, variant, options, echo type, EPI and IR flags, 2D/3D.
+def _sequence_family(instances: Sequence[_Instance]) -> dict[str, Any]:
+    """ScanningSequence, SequenceVariant, ScanOptions, EchoPulseSequence and 2D/3D.
 
-    Why: SE / GR / IR / EPI is half of the physics behind the weighting and feeds
-    the echo-planar gate.  Lists keep the scanner's order (evidence reads
-    ``ScanningSequence=SE\\IR``); a YES anywhere sets a flag.
+    Why: SE / GR / IR / EP is half of the physics behind the weighting, and 3D
+    ranks candidates.  The lists keep the scanner's order (evidence reads
+    ``ScanningSequence=SE\\IR``); echo type and 2D/3D are the most common value.
     """
     scanning: dict[str, None] = {}  # dicts as ordered sets
     variant: dict[str, None] = {}
     options: dict[str, None] = {}
     echo_pulse: list[str] = []
     acq_types: list[str] = []
+    for inst in instances:
+        scanning.update(dict.fromkeys(_strs(inst.ds.get("ScanningSequence"))))
+        variant.update(dict.fromkeys(_strs(inst.ds.get("SequenceVariant"))))
+        options.update(dict.fromkeys(_strs(inst.ds.get("ScanOptions"))))
+        echo_pulse += _strs(inst.ds.get("EchoPulseSequence"))
+        acq_types += _strs(inst.ds.get("MRAcquisitionType"))
+    return {
+        "scanning_sequence": tuple(scanning),
+        "sequence_variant": tuple(variant),
+        "scan_options": tuple(options),
+        "echo_pulse_sequence": _mode(echo_pulse) or "",
+        "mr_acquisition_type": _mode(acq_types) or "",
+    }
+
+
+def _epi_and_ir_flags(instances: Sequence[_Instance]) -> dict[str, Any]:
+    """EchoPlanarPulseSequence (top level) and InversionRecovery (MR modifier groups).
+
+    Each is True when any value says YES, False when values exist and none does,
+    None when absent.  Why: EPI feeds the echo-planar gate, and the classifier
+    treats "IR not recorded" (None) differently from "no IR" (False).
+    """
     echo_planar: bool | None = None
     inversion: bool | None = None
     for inst in instances:
-        ds = inst.ds
-        scanning.update(dict.fromkeys(_strs(ds.get("ScanningSequence"))))
-        variant.update(dict.fromkeys(_strs(ds.get("SequenceVariant"))))
-        options.update(dict.fromkeys(_strs(ds.get("ScanOptions"))))
-        echo_pulse += _strs(ds.get("EchoPulseSequence"))
-        acq_types += _strs(ds.get("MRAcquisitionType"))
-        epi = _strs(ds.get("EchoPlanarPulseSequence"))
+        epi = _strs(inst.ds.get("EchoPlanarPulseSequence"))
         if epi:
             echo_planar = bool(echo_planar) or epi[0] == "YES"
         for groups in inst.frames:
             ir = _strs(_fg(groups, "MRModifierSequence", "InversionRecovery"))
             if ir:
                 inversion = bool(inversion) or ir[0] == "YES"
-    return {
-        "scanning_sequence": tuple(scanning),
-        "sequence_variant": tuple(variant),
-        "scan_options": tuple(options),
-        "echo_pulse_sequence": _mode(echo_pulse) or "",
-        "echo_planar": echo_planar,
-        "inversion_recovery": inversion,
-        "mr_acquisition_type": _mode(acq_types) or "",
-    }
+    return {"echo_planar": echo_planar, "inversion_recovery": inversion}
 
 
 def _timing(instances: Sequence[_Instance]) -> dict[str, Any]:
@@ -724,7 +732,8 @@ def extract_evidence(series_uid: str, datasets: Sequence[Dataset]) -> SeriesEvid
         **_names(first),
         **_scanner(first),
         **_image_type(instances, first),
-        **_sequence_kind(instances),
+        **_sequence_family(instances),
+        **_epi_and_ir_flags(instances),
         **_timing(instances),
         **_diffusion(instances, enhanced),
         **_geometry(instances),

@@ -13,9 +13,9 @@ from typing import Mapping, Sequence
 
 from pydicom.dataset import Dataset
 
-from dicomnode.assemble.sequences.classify import Decision, classify
+from dicomnode.assemble.sequences.classify import RoleDecision, classify
 from dicomnode.assemble.sequences.evidence import SeriesEvidence, extract_evidence
-from dicomnode.assemble.sequences.roles import GRADING_ROLES, SeriesAssignment
+from dicomnode.assemble.sequences.roles import GRADING_ROLES, ROLES, SeriesAssignment
 from dicomnode.assemble.sequences.rules import SiteRules
 from dicomnode.assemble.sequences.select import deciding_criterion, rank
 
@@ -38,7 +38,7 @@ def identify_study(series: Mapping[str, Sequence[Dataset]], rules: SiteRules | N
     A series whose headers cannot be read is OTHER with the error as its reason;
     one bad series never costs the study its other assignments.
     """
-    decided: dict[str, tuple[SeriesEvidence | None, Decision]] = {}
+    decided: dict[str, tuple[SeriesEvidence | None, RoleDecision]] = {}
     for uid, datasets in series.items():
         try:
             ev = extract_evidence(uid, list(datasets))
@@ -46,10 +46,10 @@ def identify_study(series: Mapping[str, Sequence[Dataset]], rules: SiteRules | N
         except Exception as exc:  # noqa: BLE001 - one malformed series must not sink the study
             log.warning("series %s: headers could not be interpreted (%s)", uid, type(exc).__name__)
             log.debug("series %s: header error detail", uid, exc_info=True)
-            decided[uid] = (None, Decision(role="OTHER", reason=f"OTHER: headers could not be interpreted "
-                                                                f"({type(exc).__name__})",
-                                           # the exception text may quote header values: keep it out
-                                           evidence=(f"header error: {type(exc).__name__}",)))
+            decided[uid] = (None, RoleDecision(role="OTHER", reason=f"OTHER: headers could not be interpreted "
+                                                                    f"({type(exc).__name__})",
+                                               # the exception text may quote header values: keep it out
+                                               evidence=(f"header error: {type(exc).__name__}",)))
 
     out: dict[str, SeriesAssignment] = {}
     for uid, (_, d) in decided.items():
@@ -77,7 +77,7 @@ def identify_study(series: Mapping[str, Sequence[Dataset]], rules: SiteRules | N
     result = {uid: out[uid] for uid in series}
     counts = Counter(a.role for a in result.values())
     log.info("sequence identification: %d series; %s", len(result),
-             ", ".join(f"{r}={counts[r]}" for r in (*GRADING_ROLES, "OTHER") if counts[r]) or "none")
+             ", ".join(f"{r}={counts[r]}" for r in ROLES if counts[r]) or "none")
     for uid, a in result.items():
         log.debug("series %s: %s (%s) - %s", uid, a.role, a.status, a.reason)
     return result

@@ -1,20 +1,23 @@
 """The vocabulary of sequence identification: the roles and the per-series answer.
 
 The role names are a contract with the rest of the node (model routing, the
-results SR), so they live here, at the bottom of the package, importing nothing
-of ours.
+results SR), so they are not typed here: they come from :mod:`models.vocab`,
+the one light (torch-free) module every layer reads them from.  This module
+sits at the bottom of the package and imports nothing else.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
-#: What a series can be for grading. ``OTHER`` covers everything that must never
-#: be fed to a model (localizers, DWI, perfusion, derived images, ...).
-ROLES: tuple[str, ...] = ("T1", "T1CE", "T2", "FLAIR", "OTHER")
+from models.vocab import OTHER
+from models.vocab import ROLES as GRADING_ROLES
 
-#: The grading inputs, i.e. every role except ``OTHER``.
-GRADING_ROLES: tuple[str, ...] = ROLES[:-1]
+# GRADING_ROLES: the grading inputs, in canonical channel order (T1, T1CE, T2, FLAIR).
+# OTHER: everything never fed to a model (localizers, DWI, perfusion, derived images, ...).
+
+#: What a series can be: a grading input or ``OTHER``.
+ROLES: tuple[str, ...] = (*GRADING_ROLES, OTHER)
 
 #: ``selected``: the grading input for its role; ``alternative``: same role, not
 #: chosen; ``other``: role ``OTHER``.
@@ -44,7 +47,7 @@ class SeriesAssignment:
             raise ValueError(f"role must be one of {ROLES}, not {self.role!r}")
         if self.status not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}, not {self.status!r}")
-        if (self.role == "OTHER") != (self.status == "other"):
+        if (self.role == OTHER) != (self.status == "other"):
             raise ValueError(f"role {self.role!r} cannot have status {self.status!r}")
         if self.chosen_over and self.status != "selected":
             raise ValueError("only a selected series can list chosen_over")

@@ -24,41 +24,41 @@ import math
 from functools import cmp_to_key
 from typing import Any, Callable, Sequence
 
-from dicomnode.assemble.sequences.classify import Decision
+from dicomnode.assemble.sequences.classify import RoleDecision
 from dicomnode.assemble.sequences.evidence import SeriesEvidence
 
 _INF = math.inf
 
 
-def _primary(ev: SeriesEvidence, d: Decision) -> int:
+def _primary(ev: SeriesEvidence, d: RoleDecision) -> int:
     it = ev.image_type
     if it[:1] == ("DERIVED",) or it[1:2] == ("SECONDARY",):
         return 2
     return 0 if it[:1] == ("ORIGINAL",) else 1
 
 
-def _contrast_state(ev: SeriesEvidence, d: Decision) -> int:
+def _contrast_state(ev: SeriesEvidence, d: RoleDecision) -> int:
     return 1 if (d.role != "T1CE" and d.post_contrast) else 0
 
 
-def _three_d(ev: SeriesEvidence, d: Decision) -> int:
+def _three_d(ev: SeriesEvidence, d: RoleDecision) -> int:
     return 0 if ev.mr_acquisition_type == "3D" else 1
 
 
-def _thickness(ev: SeriesEvidence, d: Decision) -> float:
+def _thickness(ev: SeriesEvidence, d: RoleDecision) -> float:
     return round(ev.slice_thickness, 2) if ev.slice_thickness is not None else _INF
 
 
-def _voxel(ev: SeriesEvidence, d: Decision) -> float:
+def _voxel(ev: SeriesEvidence, d: RoleDecision) -> float:
     v = ev.voxel_volume
     return round(v, 3) if v is not None else _INF
 
 
-def _slices(ev: SeriesEvidence, d: Decision) -> int:
+def _slices(ev: SeriesEvidence, d: RoleDecision) -> int:
     return -(ev.n_positions or ev.n_images)
 
 
-def _later(ev: SeriesEvidence, d: Decision) -> tuple[int, int, int]:
+def _later(ev: SeriesEvidence, d: RoleDecision) -> tuple[int, int, int]:
     s = ev.acquisition_datetime
     if not s:
         return (1, 0, 0)  # unknown time loses to any known time
@@ -66,16 +66,16 @@ def _later(ev: SeriesEvidence, d: Decision) -> tuple[int, int, int]:
     return (0, -int(whole or 0), -int(frac or 0))
 
 
-def _series_number(ev: SeriesEvidence, d: Decision) -> tuple[int, int]:
+def _series_number(ev: SeriesEvidence, d: RoleDecision) -> tuple[int, int]:
     return (1, 0) if ev.series_number is None else (0, -ev.series_number)
 
 
-def _uid(ev: SeriesEvidence, d: Decision) -> str:
+def _uid(ev: SeriesEvidence, d: RoleDecision) -> str:
     return ev.series_uid
 
 
 #: (name used in evidence, key: smaller is better), in priority order.
-CRITERIA: tuple[tuple[str, Callable[[SeriesEvidence, Decision], Any]], ...] = (
+CRITERIA: tuple[tuple[str, Callable[[SeriesEvidence, RoleDecision], Any]], ...] = (
     ("original/primary over derived", _primary),
     ("pre-contrast over post-contrast", _contrast_state),
     ("3D over 2D", _three_d),
@@ -88,7 +88,8 @@ CRITERIA: tuple[tuple[str, Callable[[SeriesEvidence, Decision], Any]], ...] = (
 )
 
 
-def deciding_criterion(a: tuple[SeriesEvidence, Decision], b: tuple[SeriesEvidence, Decision]) -> tuple[int, str]:
+def deciding_criterion(a: tuple[SeriesEvidence, RoleDecision],
+                       b: tuple[SeriesEvidence, RoleDecision]) -> tuple[int, str]:
     """Compare two candidates: (-1 if a is better, 1 if b is, 0 if identical; the criterion that decided)."""
     for name, key in CRITERIA:
         ka, kb = key(*a), key(*b)
@@ -97,6 +98,6 @@ def deciding_criterion(a: tuple[SeriesEvidence, Decision], b: tuple[SeriesEviden
     return 0, "identical"
 
 
-def rank(candidates: Sequence[tuple[SeriesEvidence, Decision]]) -> list[tuple[SeriesEvidence, Decision]]:
+def rank(candidates: Sequence[tuple[SeriesEvidence, RoleDecision]]) -> list[tuple[SeriesEvidence, RoleDecision]]:
     """Candidates best first (a total, deterministic order)."""
     return sorted(candidates, key=cmp_to_key(lambda a, b: deciding_criterion(a, b)[0]))
