@@ -17,7 +17,9 @@ def versions(doc: dict) -> list[dict]:
 
 
 def test_study_over_three_associations_is_one_version_then_late_series_is_version_2(tmp_path: Path) -> None:
-    node = NodeProcess(tmp_path / "data", quiet_period_s=5).start()
+    # quiet period 20 s: far longer than the 2 s gaps between associations and a status call on a loaded
+    # machine (a 5 s one was overtaken at load ~7), so "still receiving" does not hang on a few seconds
+    node = NodeProcess(tmp_path / "data", quiet_period_s=20).start()
     try:
         study = generate_uid()
         series = [generate_uid() for _ in range(4)]
@@ -28,13 +30,13 @@ def test_study_over_three_associations_is_one_version_then_late_series_is_versio
                 time.sleep(2)
         time.sleep(1)
         assert [v["state"] for v in versions(node.status())] == ["receiving"]
-        doc = node.wait_for(lambda d: [v["state"] for v in versions(d)] == ["complete"], timeout=15)
+        doc = node.wait_for(lambda d: [v["state"] for v in versions(d)] == ["complete"], timeout=120)
         (v1,) = versions(doc)
         assert v1["complete_reason"] == "quiet_period"
         assert len(v1["series"]) == 3 and all(s["role"] for s in v1["series"])
         # a series arriving after completion opens version 2, which covers the whole study
         assert store(node.port, mr_dataset(study, series[3])) == [0]
-        doc = node.wait_for(lambda d: [v["state"] for v in versions(d)] == ["complete", "complete"], timeout=15)
+        doc = node.wait_for(lambda d: [v["state"] for v in versions(d)] == ["complete", "complete"], timeout=120)
         v1, v2 = versions(doc)
         assert v2["version"] == 2 and v2["new_instances"] == 1
         assert len(v2["series"]) == 4 and len(v1["series"]) == 3

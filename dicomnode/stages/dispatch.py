@@ -28,6 +28,8 @@ from typing import Any
 from pydicom import dcmread
 from pynetdicom import _config
 from sqlalchemy import func, insert, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
@@ -153,10 +155,7 @@ class Outbox:
         """INSERT unless (destination, SOP instance) exists; 1 if a row was added."""
         dialect = self.engine.dialect.name
         if dialect in ("sqlite", "postgresql"):
-            if dialect == "sqlite":
-                from sqlalchemy.dialects.sqlite import insert as dialect_insert
-            else:
-                from sqlalchemy.dialects.postgresql import insert as dialect_insert
+            dialect_insert = sqlite_insert if dialect == "sqlite" else postgresql_insert
             stmt = (
                 dialect_insert(Delivery)
                 .values(**values)
