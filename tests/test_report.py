@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import io
 import logging
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,7 @@ from dicomnode.handoff import (
     TaskResult,
     VersionResult,
 )
+import dicomnode.stages.report as report_stage
 from dicomnode.stages.report import (
     SR_FILE,
     SUMMARY_FILE,
@@ -33,9 +36,13 @@ from dicomnode.stages.report import (
     render_html,
     report_uids,
     summary_png,
+    timed_write_reports,
+    warm,
     write_reports,
 )
 from dicomnode.stages.report import codes
+from dicomnode.stages.report.sop import read_example, sr_from_example
+from dicomnode.stages.report.summary import HEIGHT, WIDTH, layout
 from dicomnode.synth import make_phantom, write_study
 
 from conftest import dcmtk_tool, need
@@ -469,6 +476,80 @@ def test_uids_are_deterministic_and_depend_on_the_right_things(mmdlm_result, pro
     assert other_sr.SOPInstanceUID != uids["sr_sop"] and other_sr.SeriesInstanceUID != uids["sr_series"]
 
 
+def _encoded(ds) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("which", ["mmdlm", "gated", "cannot_grade", "all_declined", "superseding"])
+def test_light_sr_path_writes_what_highdicom_checked_path_writes(which, request):
+    """The default SR path skips highdicom's re-parse of the content and its evidence search: same bytes."""
+    name = {"mmdlm": "mmdlm_result", "gated": "gated_result", "cannot_grade": "cannot_grade_result",
+            "all_declined": "all_declined_result", "superseding": "mmdlm_result"}[which]
+    result = request.getfixturevalue(name)
+    if which == "superseding":
+        result = dataclasses.replace(result, supersedes=Superseded(1, "1.2.826.0.1.3680043.8.498.1",
+                                                                   "1.2.826.0.1.3680043.8.498.2"))
+    example = read_example(result)
+    kw = dict(algorithm_version=VERSION, when=WHEN)
+    light = sr_from_example(result, example, **kw)
+    checked = sr_from_example(result, example, highdicom_checks=True, **kw)
+    assert _encoded(light) == _encoded(checked)
+    # highdicom's own view of the content (its public ``content``) is the whole tree, not the stub it was given
+    assert len(light.content[0].ContentSequence) == len(checked.content[0].ContentSequence) > 1
+    assert light.get_evidence() == checked.get_evidence()
+
+
+def test_enhanced_key_slice_frames_same_on_both_paths(enhanced_study):
+    inputs = inputs_of(enhanced_study, ["T1CE", "T2", "FLAIR"])
+    flair = next(s for s in inputs if s.role == "FLAIR")
+    result = VersionResult(
+        study_instance_uid=enhanced_study.study_instance_uid, study_id=8, version=1, inputs=inputs,
+        available_roles=["T1CE", "T2", "FLAIR"], missing_roles=["T1"],
+        decisions=[Decision("mmdlm", True, "mmdlm runs on T1CE+T2+FLAIR, all present.")],
+        results=[model("mmdlm", ["T1CE", "T2", "FLAIR"], [task("grade", "LGG", {"LGG": 0.6, "HGG": 0.4})],
+                       key_slices=[KeySlice("FLAIR", 0.5, flair.instances[7]), KeySlice("T2", 0.3, flair.instances[3])])])
+    example = read_example(result)
+    kw = dict(algorithm_version=VERSION, when=WHEN)
+    assert _encoded(sr_from_example(result, example, **kw)) == _encoded(
+        sr_from_example(result, example, highdicom_checks=True, **kw))
+
+
+def test_warm_builds_in_memory_and_changes_no_output(mmdlm_result, tmp_path, monkeypatch, caplog):
+    """warm(ctx) pays the one-time costs without a file or an INFO line; what is written afterwards is the same."""
+    before = write_reports(mmdlm_result, tmp_path / "before", algorithm_version=VERSION, when=WHEN)
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.INFO, logger="dicomnode"):
+        thread = threading.Thread(target=warm, args=(None,))  # as the runtime calls it
+        thread.start()
+        thread.join(timeout=120)
+    assert not thread.is_alive()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["before"]
+    assert not [r for r in caplog.records if r.levelno >= logging.INFO]
+    after = write_reports(mmdlm_result, tmp_path / "after", algorithm_version=VERSION, when=WHEN)
+    for a, b in zip(before, after):
+        assert a.read_bytes() == b.read_bytes(), a.name
+
+
+def test_a_failed_summary_leaves_the_previous_report_and_no_temporary_files(mmdlm_result, tmp_path, monkeypatch):
+    first = write_reports(mmdlm_result, tmp_path, algorithm_version=VERSION, when=WHEN)
+    old = [p.read_bytes() for p in first]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no picture today")
+
+    monkeypatch.setattr(report_stage, "summary_from_example", broken)
+    with pytest.raises(RuntimeError, match="no picture today"):
+        write_reports(mmdlm_result, tmp_path, algorithm_version=VERSION, when=WHEN + dt.timedelta(days=1))
+    assert [p.read_bytes() for p in first] == old  # the SR of the failed call never replaced the old one
+    assert sorted(p.name for p in tmp_path.iterdir()) == [SR_FILE, SUMMARY_FILE]  # no temporary file left
+    paths, seconds = timed_write_reports(mmdlm_result, tmp_path, algorithm_version=VERSION, when=WHEN,
+                                         summary_image=False)
+    assert paths == [tmp_path / SR_FILE] and set(seconds) == {"sr", "summary", "write"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [SR_FILE]
+
+
 # --------------------------------------------------------------------------- summary image
 def test_summary_image_is_valid_rgb_secondary_capture(mmdlm_result, study, tmp_path):
     sc = build_summary(mmdlm_result, algorithm_version=VERSION, when=WHEN)
@@ -519,17 +600,14 @@ def _prepared_cases(out: Path) -> tuple[Path, Path, int]:
 
 
 def _inside(result: VersionResult, panel) -> None:
-    """Every piece of text drawn on the page lies inside it."""
-    from dicomnode.stages.report.summary import HEIGHT, WIDTH, figure
-
-    fig = figure(result, panel, algorithm_version=VERSION)
-    renderer = fig.canvas.get_renderer()
-    artists = list(fig.texts) + [a.title for a in fig.axes]
-    for t in artists:
-        if not t.get_text():
-            continue
-        box = t.get_window_extent(renderer)
-        assert box.x0 >= 0 and box.y0 >= 0 and box.x1 <= WIDTH and box.y1 <= HEIGHT, (t.get_text(), box)
+    """Every piece of text drawn on the page lies inside it, and the slice's box too."""
+    page = layout(result, panel, algorithm_version=VERSION)
+    assert page.texts
+    for t in page.texts:
+        x0, y0, x1, y1 = t.box()
+        assert x0 >= 0 and y0 >= 0 and x1 <= WIDTH and y1 <= HEIGHT, (t.text, (x0, y0, x1, y1))
+    left, bottom, width, height = page.frame
+    assert 0 <= left and 0 <= bottom and left + width <= 1 and bottom + height <= 1
 
 
 def test_summary_shows_what_the_model_saw(gated_result, mmdlm_result, tmp_path):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from PIL import Image
 from pydicom.dataset import Dataset
 
 DSR2HTML = "/usr/bin/dsr2html"  # absolute: never a same-named script from a virtual environment
@@ -131,8 +132,6 @@ def render_html(sr_path: Path | str, out_html: Path | str) -> Path:
 
 def summary_png(summary_dcm: Path | str, out_png: Path | str) -> Path:
     """The Secondary Capture's pixels as a PNG (for a browser, a ticket or the web page)."""
-    from PIL import Image  # pillow ships with matplotlib; imported here as only this view needs it
-
     ds = pydicom.dcmread(summary_dcm)
     arr = np.asarray(ds.pixel_array, dtype=np.uint8)
     out_png = Path(out_png)

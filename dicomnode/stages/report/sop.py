@@ -12,11 +12,14 @@ import datetime as _dt
 import logging
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr import (
     Comprehensive3DSR,
+    ContainerContentItem,
+    ContentSequence,
     DeviceObserverIdentifyingAttributes,
     MeasurementReport,
     ObservationContext,
@@ -40,6 +43,7 @@ SC_SERIES_NUMBER = 9902
 SR_SERIES_DESCRIPTION = "Glioma grading (research use)"
 SC_SERIES_DESCRIPTION = "Glioma grading summary (research use)"
 
+_CONTENT_SEQUENCE = 0x0040A730  # (0040,A730) Content Sequence
 _UID_SCHEME = "dicomnode.stages.report/1"  # bump only if the meaning of the UIDs' inputs changes
 
 
@@ -102,11 +106,52 @@ def _evidence_item(study_uid: str, ref: SourceRef) -> Dataset:
     return ds
 
 
-def evidence(result: VersionResult, example: Dataset) -> list[Dataset]:
-    """Every instance of every input series (and every key slice), example first; highdicom de-duplicates."""
+def evidence_refs(result: VersionResult) -> list[SourceRef]:
+    """Every instance of every input series, then every key slice (the content's IMAGE references)."""
     refs: list[SourceRef] = [r for s in result.inputs for r in s.instances]
     refs += [k.ref for m in result.results for k in m.key_slices]
-    return [example] + [_evidence_item(result.study_instance_uid, r) for r in refs]
+    return refs
+
+
+def evidence(result: VersionResult, example: Dataset) -> list[Dataset]:
+    """highdicom's ``evidence`` argument: the example first, then :func:`evidence_refs`; highdicom de-duplicates."""
+    return [example] + [_evidence_item(result.study_instance_uid, r) for r in evidence_refs(result)]
+
+
+def evidence_sequence(result: VersionResult, example: Dataset) -> list[Dataset]:
+    """The CurrentRequestedProcedureEvidenceSequence items exactly as highdicom's ``collect_evidence`` makes them.
+
+    Why not let highdicom do it: it builds a full Dataset per instance (four
+    validated attributes) only to read them back and then searches the whole
+    content tree for IMAGE references; with 620 source instances that was a
+    third of the SR's build time. Here one reference item per instance, the
+    same grouping (by series, in first-seen order, de-duplicated by SOP
+    Instance UID, the example's series first) and the same attributes.
+    ``tests/test_report.py`` checks the bytes against highdicom's own path.
+    Every reference is in the SR's study (the example was checked to be).
+    """
+    series: dict[str, list[Dataset]] = {}
+    seen: set[str] = set()
+    first = [(str(example.SeriesInstanceUID), str(example.SOPClassUID), str(example.SOPInstanceUID))]
+    for series_uid, class_uid, instance_uid in first + [
+            (r.series_instance_uid, r.sop_class_uid, r.sop_instance_uid) for r in evidence_refs(result)]:
+        if instance_uid in seen:
+            continue
+        seen.add(instance_uid)
+        item = Dataset()
+        item.ReferencedSOPClassUID = class_uid
+        item.ReferencedSOPInstanceUID = instance_uid
+        series.setdefault(series_uid, []).append(item)
+    series_items = []
+    for series_uid, items in series.items():
+        series_item = Dataset()
+        series_item.SeriesInstanceUID = series_uid
+        series_item.ReferencedSOPSequence = items
+        series_items.append(series_item)
+    study_item = Dataset()
+    study_item.StudyInstanceUID = result.study_instance_uid
+    study_item.ReferencedSeriesSequence = series_items
+    return [study_item]
 
 
 def private_coding_scheme() -> CodingSchemeIdentificationItem:
@@ -132,9 +177,36 @@ def build_sr(result: VersionResult, *, algorithm_version: str, manufacturer: str
     ``when`` stamps content, series and instance-creation date/time (default:
     now); pass the same value to get the same bytes.
     """
+    sr = sr_from_example(result, read_example(result), algorithm_version=algorithm_version,
+                         manufacturer=manufacturer, when=when, uid_prefix=uid_prefix)
+    log.info("built %s SR for study %s version %s", outcome(result), result.study_id, result.version)
+    return sr
+
+
+def outcome(result: VersionResult) -> str:
+    """"graded" or "cannot-grade": what the SR of ``result`` says (for the log lines)."""
+    graded = bool(result.results) and not result.cannot_grade and any(m.tasks for m in result.results)
+    return "graded" if graded else "cannot-grade"
+
+
+def sr_from_example(result: VersionResult, example: Dataset, *, algorithm_version: str,
+                    manufacturer: str = "dicomnode", when: _dt.datetime | None = None,
+                    uid_prefix: str | None = None, highdicom_checks: bool = False) -> Comprehensive3DSR:
+    """:func:`build_sr` with the source header already read (``write_reports`` reads it once for both objects).
+
+    ``highdicom_checks`` True hands highdicom the whole content tree and one
+    evidence Dataset per source instance, as this module did before: highdicom
+    then deep-copies and re-parses the tree it was just given and searches it
+    for image references. The default gives it only the root container's own
+    attributes and the source header (for the patient and study modules) and
+    adds the content and :func:`evidence_sequence` itself: the same document,
+    byte for byte (``tests/test_report.py`` compares the two), in a third of
+    the time. The checks it skips hold by construction: the content is made
+    of highdicom's own classes, and every IMAGE reference is a key slice,
+    which :func:`evidence_refs` lists.
+    """
     when = when or _dt.datetime.now()
     uids = report_uids(result, prefix=uid_prefix)
-    example = read_example(result)
 
     observer = ObserverContext(
         observer_type=pcodes.cid270.Device,
@@ -166,7 +238,8 @@ def build_sr(result: VersionResult, *, algorithm_version: str, manufacturer: str
         imaging_measurements=groups,
         title=c.IMAGING_MEASUREMENT_REPORT.concept,
     )
-    report[0].ContentSequence.append(content.version_evaluations(result))
+    root = report[0]
+    root.ContentSequence.append(content.version_evaluations(result))
 
     previous = None
     if result.supersedes is not None:
@@ -177,9 +250,7 @@ def build_sr(result: VersionResult, *, algorithm_version: str, manufacturer: str
         prev.SOPInstanceUID = result.supersedes.sop_instance_uid
         previous = [prev]
 
-    sr = Comprehensive3DSR(
-        evidence=evidence(result, example),
-        content=report[0],
+    header = dict(
         series_instance_uid=uids["sr_series"],
         series_number=SR_SERIES_NUMBER,
         sop_instance_uid=uids["sr_sop"],
@@ -197,12 +268,42 @@ def build_sr(result: VersionResult, *, algorithm_version: str, manufacturer: str
         software_versions=algorithm_version,
         manufacturer_model_name=content.NODE_ALGORITHM_NAME,
     )
+    if highdicom_checks:
+        sr = Comprehensive3DSR(evidence=evidence(result, example), content=root, **header)
+    else:
+        sr = _assemble(root, example, evidence_sequence(result, example), header)
     stamp_time(sr, when, date_attrs=[("InstanceCreationDate", "InstanceCreationTime")])
-    log.info("built %s SR for study %s version %s: %d group(s), %d model(s) declined by the gate",
-             "graded" if graded else "cannot-grade", result.study_id, result.version, len(groups),
-             len(result.declined))
+    log.debug("built %s SR for study %s version %s: %d group(s), %d model(s) declined by the gate",
+              "graded" if graded else "cannot-grade", result.study_id, result.version, len(groups),
+              len(result.declined))
     return sr
 
 
-__all__ = ["build_sr", "report_uids", "device_observer_uid", "read_example", "evidence",
+def _assemble(root: ContainerContentItem, example: Dataset, evidence_items: list[Dataset],
+              header: dict[str, Any]) -> Comprehensive3DSR:
+    """highdicom's Comprehensive3DSR, given only the root container's own attributes, then completed here.
+
+    highdicom's constructor writes the SOP Common, patient, study, series and
+    SR Document General modules (what it is for) and takes the content from
+    its ``content`` argument by deep copy and re-parse; with a stub root (no
+    children) that costs nothing, and the real children are set afterwards,
+    as highdicom itself sets them (``self[tag] = value`` of the given root's elements).
+    ``_content`` is the attribute behind highdicom's public ``content``
+    property; ``Comprehensive3DSR.from_dataset`` sets it the same way, and a
+    test reads ``content`` back, so a highdicom that renamed it fails there.
+    """
+    stub = Dataset()
+    for elem in root:
+        if elem.tag != _CONTENT_SEQUENCE:
+            stub.add(elem)
+    stub.ContentSequence = []  # highdicom searches it for image references: nothing to find
+    sr = Comprehensive3DSR(evidence=[example], content=stub, **header)
+    sr.ContentSequence = root.ContentSequence
+    sr._content = ContentSequence([root], is_root=True)
+    sr.CurrentRequestedProcedureEvidenceSequence = evidence_items
+    return sr
+
+
+__all__ = ["build_sr", "sr_from_example", "outcome", "report_uids", "device_observer_uid", "read_example", "evidence",
+           "evidence_refs", "evidence_sequence",
            "SR_SERIES_NUMBER", "SC_SERIES_NUMBER", "SR_SERIES_DESCRIPTION", "SC_SERIES_DESCRIPTION"]

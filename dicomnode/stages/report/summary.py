@@ -2,8 +2,9 @@
 
 Many PACS viewers show an SR as a wall of text or not at all; a single RGB
 image with the result, the model path, what was missing, the disclaimer and a
-key slice is what a radiologist actually sees. It is drawn with matplotlib's
-Agg canvas directly (no pyplot, no global backend switch), whose output is
+key slice is what a radiologist actually sees. The slice is drawn with
+matplotlib's Agg canvas directly (no pyplot, no global backend switch), the
+text with FreeType through Pillow (matplotlib's copy of DejaVu Sans); both are
 byte-for-byte reproducible, so the same result gives the same pixels.
 
 "Show what the model saw": when the pipeline left the prepared case (the
@@ -19,19 +20,25 @@ source DICOM slice is shown as before.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import json
 import logging
 import textwrap
+import threading
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 from pathlib import Path
+from typing import Any
 
+import matplotlib
 import numpy as np
 import pydicom
 from highdicom.sc import SCImage
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 
 from dicomnode.handoff import Declined, InputSeries, KeySlice, ModelResult, VersionResult, family_title
@@ -155,11 +162,39 @@ def _middle(series: InputSeries) -> Panel | None:
 # --------------------------------------------------------------------------- the prepared case
 
 
+class _LazyArrays(Mapping[str, np.ndarray]):
+    """A case's arrays by role, each read from the open ``.npz`` when first used.
+
+    The summary shows one role of three or four, and each role's bag or
+    volume is megabytes, CRC-checked as it is read: reading every role up
+    front read (and checked) mostly arrays the page never shows.
+    """
+
+    def __init__(self, z: Any, roles: list[str]) -> None:
+        self._z, self._roles, self._read = z, list(roles), {}
+
+    def __getitem__(self, role: str) -> np.ndarray:
+        if role not in self._roles:
+            raise KeyError(role)
+        if role not in self._read:
+            self._read[role] = np.asarray(self._z[f"array/{role}"])
+        return self._read[role]
+
+    def __contains__(self, role: object) -> bool:  # Mapping's default would read the array
+        return role in self._roles
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._roles)
+
+    def __len__(self) -> int:
+        return len(self._roles)
+
+
 @dataclass
 class _Case:
     """The parts of a prepared case the summary draws (read from the .npz with numpy only)."""
 
-    arrays: dict[str, np.ndarray]
+    arrays: Mapping[str, np.ndarray]
     affine: np.ndarray
     meta: dict[str, Any]
     mask: np.ndarray | None
@@ -167,24 +202,27 @@ class _Case:
     slice_indices: np.ndarray | None
 
 
-def read_case(path: str | Path | None) -> _Case | None:
-    """A prepared case written by ``models.casefile.save_case``; None when missing or not one."""
-    if not path:
-        return None
-    import json
-
+@contextlib.contextmanager
+def open_case(path: str | Path | None) -> Iterator[_Case | None]:
+    """A prepared case written by ``models.casefile.save_case``, open while in use; None when missing or not one."""
     try:
-        with np.load(Path(path), allow_pickle=False) as z:
+        z = np.load(Path(path), allow_pickle=False) if path else None
+    except Exception:  # gone or foreign: the summary falls back to the source series
+        z = None
+    if z is None:
+        yield None
+        return
+    with z:
+        try:
             header = json.loads(bytes(z["header.json"]).decode())
-            if header.get("format") != CASE_FORMAT:
-                return None
-            get = {n: (np.asarray(z[n]) if n in z.files else None)
-                   for n in ("mask", "template_mask", "slice_indices")}
-            return _Case(arrays={r: np.asarray(z[f"array/{r}"]) for r in header["roles"]},
-                         affine=np.asarray(z["affine"], dtype=np.float64), meta=dict(header.get("meta") or {}),
-                         mask=get["mask"], template_mask=get["template_mask"], slice_indices=get["slice_indices"])
-    except Exception:  # gone, truncated or foreign: the summary falls back to the source series
-        return None
+            get = {n: (np.asarray(z[n]) if n in z.files else None) for n in ("mask", "template_mask", "slice_indices")}
+            case: _Case | None = _Case(
+                arrays=_LazyArrays(z, list(header["roles"])), affine=np.asarray(z["affine"], dtype=np.float64),
+                meta=dict(header.get("meta") or {}), mask=get["mask"], template_mask=get["template_mask"],
+                slice_indices=get["slice_indices"]) if header.get("format") == CASE_FORMAT else None
+        except Exception:  # truncated or foreign
+            case = None
+        yield case
 
 
 def _orient(direction_rows: np.ndarray, direction_cols: np.ndarray) -> tuple[bool, bool, bool]:
@@ -225,7 +263,7 @@ def _nearest_resize(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return img[np.ix_(rows, cols)]
 
 
-def _pick_role(arrays: dict[str, np.ndarray], wanted: str | None = None) -> str:
+def _pick_role(arrays: Mapping[str, np.ndarray], wanted: str | None = None) -> str:
     if wanted in arrays:
         return str(wanted)
     return next((r for r in _PREFERRED_ROLES if r in arrays), next(iter(arrays)))
@@ -375,26 +413,29 @@ def prepared_panel(result: VersionResult) -> Panel | None:
         if owner is not None:
             records = [owner, *[r for r in records if r is not owner]]
     for record in records:
-        case = read_case(record.prepared_case)
-        if case is None or not case.arrays:
-            continue
-        title = record.family
-        try:
-            first = next(iter(case.arrays.values()))
-            if case.slice_indices is not None and first.ndim == 3 and case.meta.get("slices"):
-                own_key = key if isinstance(record, ModelResult) and key in record.key_slices else None
-                panel = _slice_panel(case, title, record.measurements, own_key)
-            elif first.ndim == 3:
-                panel = _volume_panel(case, title, record.measurements)
-            else:
-                panel = None
-        except Exception as exc:  # a picture must never fail the report
-            log.warning("prepared case of %s could not be drawn for study %s: %s", record.family, result.study_id,
-                        type(exc).__name__)
-            panel = None
+        with open_case(record.prepared_case) as case:
+            if case is None or not case.arrays:
+                continue
+            panel = _case_panel(case, record, key, result.study_id)
         if panel is not None:
             return panel
     return None
+
+
+def _case_panel(case: _Case, record: ModelResult | Declined, key: KeySlice | None, study_id: int) -> Panel | None:
+    """The slice of one prepared case: its key slice (a slice model's bag) or the brain centre (a volume)."""
+    try:
+        first = case.arrays[next(iter(case.arrays))]
+        if case.slice_indices is not None and first.ndim == 3 and case.meta.get("slices"):
+            own_key = key if isinstance(record, ModelResult) and key in record.key_slices else None
+            return _slice_panel(case, record.family, record.measurements, own_key)
+        if first.ndim == 3:
+            return _volume_panel(case, record.family, record.measurements)
+        return None
+    except Exception as exc:  # a picture must never fail the report
+        log.warning("prepared case of %s could not be drawn for study %s: %s", record.family, study_id,
+                    type(exc).__name__)
+        return None
 
 
 def choose_panel(result: VersionResult) -> Panel | None:
@@ -468,23 +509,91 @@ def summary_lines(result: VersionResult) -> list[tuple[str, str]]:
     return lines
 
 
-_STYLE = {
-    "alert": dict(fontsize=20, color="#ff5050", weight="bold"),
-    "head": dict(fontsize=12, color="#9fd3ff", weight="bold"),
-    "result": dict(fontsize=14, color="white", weight="bold"),
-    "body": dict(fontsize=11, color="white"),
-    "small": dict(fontsize=9, color="#dddddd"),
-    "warn": dict(fontsize=9, color="#ffcc44"),
+@dataclass(frozen=True)
+class TextStyle:
+    """How a line of the page is drawn: size in points (at :data:`DPI`), colour, weight."""
+
+    size: float
+    colour: str
+    bold: bool = False
+
+    @property
+    def pixels(self) -> float:
+        return self.size * DPI / 72
+
+
+_STYLE: dict[str, TextStyle] = {
+    "alert": TextStyle(20, "#ff5050", True),
+    "head": TextStyle(12, "#9fd3ff", True),
+    "result": TextStyle(14, "#ffffff", True),
+    "body": TextStyle(11, "#ffffff"),
+    "small": TextStyle(9, "#dddddd"),
+    "warn": TextStyle(9, "#ffcc44"),
 }
 _WRAP = {"alert": 40, "head": 50, "result": 48, "body": 60, "small": 76, "warn": 76}
 _STEP = {"alert": 0.045, "head": 0.036, "result": 0.034, "body": 0.03, "small": 0.025, "warn": 0.025}
-
+_TITLE = TextStyle(16, "#ff5050", True)
+_CAPTION = TextStyle(8, "#ffffff")
+_NO_IMAGE = TextStyle(10, "#ffffff")
+_STEP_TEXT = TextStyle(7.5, "#cccccc")
+_FOOTER, _FOOTER_LAST = TextStyle(9, "#ffcc44"), TextStyle(9, "#aaaaaa")
+_CAPTION_PAD = 6 * DPI / 72  # matplotlib's title pad (6 pt), kept from when the caption was an axes title
 
 _STEP_WRAP, _STEP_STEP, _STEP_TOP, _STEP_BOTTOM = 72, 0.019, 0.335, 0.185
 #: the steps the image shows first (what a reader checks: was the brain found, did it land on the template);
 #: routine ones (reorient, the mask's voxel count, normalisation) only when there is room
 _STEP_PRIORITY = ("brain extraction", "registration to template", "co-registration", "bias-field", "crop/pad",
                   "slices:", "resample")
+
+# matplotlib's own copy of DejaVu Sans (what the page used when matplotlib drew its text): the same
+# file on every host with this matplotlib, so the same result gives the same pixels everywhere
+_FONT_DIR = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
+_FONT_FILES = {False: "DejaVuSans.ttf", True: "DejaVuSans-Bold.ttf"}
+_fonts = threading.local()
+
+
+def _font(style: TextStyle) -> ImageFont.FreeTypeFont:
+    """The FreeType font of a style, one per thread: FreeType faces must not be shared between threads.
+
+    Loading one costs a fraction of a millisecond; the layout engine is
+    Pillow's BASIC one, so the glyph positions do not depend on whether the
+    host's Pillow was built with libraqm. Sizes are fractional pixels
+    (Pillow >= 10.1), as matplotlib's were: 9 pt at 100 dpi is 12.5 px.
+    """
+    cache: dict[tuple[float, bool], ImageFont.FreeTypeFont] | None = getattr(_fonts, "by_style", None)
+    if cache is None:
+        cache = _fonts.by_style = {}
+    key = (style.pixels, style.bold)
+    font = cache.get(key)
+    if font is None:
+        font = cache[key] = ImageFont.truetype(str(_FONT_DIR / _FONT_FILES[style.bold]), key[0],
+                                               layout_engine=ImageFont.Layout.BASIC)
+    return font
+
+
+@dataclass(frozen=True)
+class PageText:
+    """One line of text on the page: its anchor point in pixels from the top left, and how it is drawn."""
+
+    x: float
+    y: float
+    text: str
+    style: TextStyle
+    anchor: str = "la"  # Pillow's anchors: "la" left/ascender (matplotlib's va="top"), "ms", "mm"
+
+    def box(self) -> tuple[float, float, float, float]:
+        """(left, top, right, bottom) of the drawn text in pixels."""
+        left, top, right, bottom = _font(self.style).getbbox(self.text, anchor=self.anchor)
+        return self.x + left, self.y + top, self.x + right, self.y + bottom
+
+
+@dataclass(frozen=True)
+class Page:
+    """The summary page before drawing: where the slice goes and every line of text."""
+
+    panel: Panel | None
+    frame: tuple[float, float, float, float]  # the slice's box: (left, bottom, width, height), figure fractions
+    texts: list[PageText]
 
 
 def _essential(steps: list[str]) -> list[str]:
@@ -495,25 +604,18 @@ def _essential(steps: list[str]) -> list[str]:
     return sorted(steps, key=rank)
 
 
-def _wrap(fig: Figure, text: str, width: int, x: float, right: float, *, indent: str = "",
-          **style: Any) -> list[str]:
+def _wrap(text: str, width: int, x: float, right: float, style: TextStyle, *, indent: str = "") -> list[str]:
     """``text`` wrapped at ``width`` characters, narrower until every line, as drawn, ends left of ``right``.
 
     Character counts alone let wide glyphs (capitals, long hashes) run off the
-    page; measuring with the canvas' renderer is exact and deterministic.
+    page; measuring with the font that draws the line is exact and
+    deterministic. ``x`` and ``right`` are figure fractions.
     """
-    renderer = fig.canvas.get_renderer()
-    limit = right * WIDTH
+    font = _font(style)
+    limit = right * WIDTH - x * WIDTH
     parts = textwrap.wrap(text, width, subsequent_indent=indent) or [""]
     while width > 8:
-        too_wide = False
-        for part in parts:
-            probe = fig.text(x, 0.5, part, **style)
-            too_wide = probe.get_window_extent(renderer).x1 > limit
-            probe.remove()
-            if too_wide:
-                break
-        if not too_wide:
+        if all(font.getbbox(part, anchor="la")[2] <= limit for part in parts):
             return parts
         width -= max(2, width // 10)
         parts = textwrap.wrap(text, width, subsequent_indent=indent) or [""]
@@ -526,22 +628,91 @@ def _drawn(panel: Panel) -> list[tuple[np.ndarray, str, str]]:
             if o.shape == panel.pixels.shape and o.any()]
 
 
-def figure(result: VersionResult, panel: Panel | None, *, algorithm_version: str) -> Figure:
-    """The summary page as a matplotlib Figure on an Agg canvas (drawn; tests measure its text)."""
+def _fit(box: tuple[float, float, float, float], panel: Panel) -> tuple[float, float, float, float]:
+    """The part of ``box`` the slice fills at its aspect ratio, centred (what matplotlib's imshow did)."""
+    left, bottom, width, height = box
+    h, w = panel.pixels.shape
+    want = h * panel.aspect / w  # drawn height / drawn width
+    bw, bh = width * WIDTH, height * HEIGHT
+    if bh / bw > want:
+        fitted = bw * want / HEIGHT
+        return left, bottom + (height - fitted) / 2, width, fitted
+    fitted = bh / want / WIDTH
+    return left + (width - fitted) / 2, bottom, fitted, height
+
+
+def _at(x: float, y: float, text: str, style: TextStyle, anchor: str = "la") -> PageText:
+    """A line placed in figure fractions (origin bottom left, as the layout below was designed)."""
+    return PageText(x * WIDTH, (1 - y) * HEIGHT, text, style, anchor)
+
+
+def layout(result: VersionResult, panel: Panel | None, *, algorithm_version: str) -> Page:
+    """Where everything goes: the slice's box and every line of text (wrapped, measured, placed)."""
+    texts = [_at(0.02, 0.965, "Glioma grading - RESEARCH USE ONLY, NOT FOR DIAGNOSTIC USE", _TITLE)]
+    with_steps = panel is not None and bool(panel.steps or panel.outlines)
+    box = (0.02, 0.37, 0.42, 0.5) if with_steps else (0.02, 0.2, 0.42, 0.67)
+    frame = _fit(box, panel) if panel is not None else box
+    left, bottom, width, height = frame
+    if panel is not None:
+        caption = _wrap(panel.caption, 72, 0.02, 0.45, _CAPTION)[:2]
+        centre, base = (left + width / 2) * WIDTH, (1 - bottom - height) * HEIGHT - _CAPTION_PAD
+        step = 1.2 * _CAPTION.pixels  # matplotlib's line spacing
+        texts += [PageText(centre, base - (len(caption) - 1 - i) * step, line, _CAPTION, "ms")
+                  for i, line in enumerate(caption)]
+    else:
+        texts.append(_at(left + width / 2, bottom + height / 2, "no source image available", _NO_IMAGE, "mm"))
+    if with_steps and panel is not None:
+        y = _STEP_TOP
+        legend = [(colour, label) for _, colour, label in _drawn(panel)]
+        if legend:
+            x = 0.02
+            for colour, label in legend:
+                texts.append(_at(x, y, f"— {label}", TextStyle(8, colour)))
+                x += 0.16
+            y -= _STEP_STEP
+        lines = ["Preprocessing (what the model saw):"] + [f"  {line}" for line in _essential(panel.steps)]
+        parts = [part for line in lines for part in _wrap(line, _STEP_WRAP, 0.02, 0.45, _STEP_TEXT, indent="    ")]
+        room = max(1, int((y - _STEP_BOTTOM) / _STEP_STEP) + 1)
+        if len(parts) > room:  # never cut silently: say where the rest is
+            parts = parts[: room - 1] + ["  ... (every step and measurement is in the SR)"]
+        for part in parts:
+            texts.append(_at(0.02, y, part, _STEP_TEXT))
+            y -= _STEP_STEP
+
+    y = 0.9
+    for style, text in summary_lines(result):
+        for part in _wrap(text, _WRAP[style], 0.47, 0.99, _STYLE[style]):
+            if y < 0.2:
+                break
+            texts.append(_at(0.47, y, part, _STYLE[style]))
+            y -= _STEP[style]
+
+    footer = _wrap(content.DISCLAIMER_TEXT, 135, 0.02, 0.99, _FOOTER)
+    footer.append(f"dicomnode {algorithm_version}; study version {result.version}. "
+                  "The structured report (SR) in this study holds the full detail.")
+    for i, part in enumerate(footer):
+        texts.append(_at(0.02, 0.16 - i * 0.03, part, _FOOTER if i < len(footer) - 1 else _FOOTER_LAST))
+    return Page(panel, frame, texts)
+
+
+def _slice_pixels(page: Page) -> np.ndarray:
+    """The page without its text, as (HEIGHT, WIDTH, 3) uint8: black, with the slice in its box.
+
+    matplotlib draws the slice (nearest-neighbour pixels, the masks' contours,
+    the frame) on an Agg canvas; it no longer draws text, which it renders
+    glyph by glyph in Python (two thirds of the summary's time for ~40 lines).
+    """
     fig = Figure(figsize=(WIDTH / DPI, HEIGHT / DPI), dpi=DPI, facecolor="black")
     canvas = FigureCanvasAgg(fig)
-    fig.text(0.02, 0.965, "Glioma grading - RESEARCH USE ONLY, NOT FOR DIAGNOSTIC USE",
-             fontsize=16, color="#ff5050", weight="bold", va="top")
-
-    with_steps = panel is not None and bool(panel.steps or panel.outlines)
-    ax = fig.add_axes((0.02, 0.37, 0.42, 0.5) if with_steps else (0.02, 0.2, 0.42, 0.67))
+    ax = fig.add_axes(page.frame)
     ax.set_facecolor("black")
     ax.set_xticks([])
     ax.set_yticks([])
+    panel = page.panel
     if panel is not None:
         lo, hi = np.percentile(panel.pixels, [1, 99.5])
         ax.imshow(panel.pixels, cmap="gray", vmin=float(lo), vmax=float(max(hi, lo + 1)),
-                  interpolation="nearest", aspect=panel.aspect)
+                  interpolation="nearest", aspect="auto")
         h, w = panel.pixels.shape
         # the marker says "this is the slice the model attended to"; attention is per slice, not per voxel,
         # so the box frames the slice instead of pretending to localise the tumour
@@ -555,64 +726,42 @@ def figure(result: VersionResult, panel: Panel | None, *, algorithm_version: str
                                edgecolor="#ffcc00" if panel.key else "#66aaff"))
         ax.set_xlim(-0.5, w - 0.5)
         ax.set_ylim(h - 0.5, -0.5)
-        ax.set_title("\n".join(_wrap(fig, panel.caption, 72, 0.02, 0.45, fontsize=8)[:2]), color="white",
-                     fontsize=8)
-    else:
-        ax.text(0.5, 0.5, "no source image available", color="white", ha="center", va="center",
-                transform=ax.transAxes)
     for spine in ax.spines.values():
         spine.set_color("#444444")
-    if with_steps and panel is not None:
-        y = _STEP_TOP
-        legend = [(colour, label) for _, colour, label in _drawn(panel)]
-        if legend:
-            x = 0.02
-            for colour, label in legend:
-                fig.text(x, y, f"— {label}", fontsize=8, color=colour, va="top")
-                x += 0.16
-            y -= _STEP_STEP
-        lines = ["Preprocessing (what the model saw):"] + [f"  {line}" for line in _essential(panel.steps)]
-        parts = [part for line in lines
-                 for part in _wrap(fig, line, _STEP_WRAP, 0.02, 0.45, indent="    ", fontsize=7.5)]
-        room = max(1, int((y - _STEP_BOTTOM) / _STEP_STEP) + 1)
-        if len(parts) > room:  # never cut silently: say where the rest is
-            parts = parts[: room - 1] + ["  ... (every step and measurement is in the SR)"]
-        for part in parts:
-            fig.text(0.02, y, part, fontsize=7.5, color="#cccccc", va="top")
-            y -= _STEP_STEP
-
-    y = 0.9
-    for style, text in summary_lines(result):
-        for part in _wrap(fig, text, _WRAP[style], 0.47, 0.99, **_STYLE[style]):
-            if y < 0.2:
-                break
-            fig.text(0.47, y, part, va="top", **_STYLE[style])
-            y -= _STEP[style]
-
-    footer = _wrap(fig, content.DISCLAIMER_TEXT, 135, 0.02, 0.99, fontsize=9)
-    footer.append(f"dicomnode {algorithm_version}; study version {result.version}. "
-                  "The structured report (SR) in this study holds the full detail.")
-    for i, part in enumerate(footer):
-        fig.text(0.02, 0.16 - i * 0.03, part, fontsize=9, color="#ffcc44" if i < len(footer) - 1 else "#aaaaaa",
-                 va="top")
     canvas.draw()
-    return fig
+    return np.array(canvas.buffer_rgba())[..., :3]
 
 
 def render(result: VersionResult, panel: Panel | None, *, algorithm_version: str) -> np.ndarray:
-    """The summary as an (HEIGHT, WIDTH, 3) uint8 RGB array."""
-    fig = figure(result, panel, algorithm_version=algorithm_version)
-    rgba = np.asarray(fig.canvas.buffer_rgba())
-    return np.ascontiguousarray(rgba[..., :3], dtype=np.uint8)
+    """The summary as an (HEIGHT, WIDTH, 3) uint8 RGB array: the slice by matplotlib, the text by FreeType."""
+    page = layout(result, panel, algorithm_version=algorithm_version)
+    image = Image.fromarray(np.ascontiguousarray(_slice_pixels(page)), mode="RGB")
+    draw = ImageDraw.Draw(image)
+    for t in page.texts:
+        draw.text((t.x, t.y), t.text, font=_font(t.style), fill=t.style.colour, anchor=t.anchor)
+    return np.ascontiguousarray(np.asarray(image), dtype=np.uint8)
 
 
 def build_summary(result: VersionResult, *, algorithm_version: str, manufacturer: str = "dicomnode",
                   when: _dt.datetime | None = None, uid_prefix: str | None = None) -> Dataset:
     """A Secondary Capture image (RGB) in the source study, in its own deterministic series."""
+    sc = summary_from_example(result, read_example(result), choose_panel(result), algorithm_version=algorithm_version,
+                              manufacturer=manufacturer, when=when, uid_prefix=uid_prefix)
+    log.info("built summary image for study %s version %s", result.study_id, result.version)
+    return sc
+
+
+def summary_from_example(result: VersionResult, example: Dataset, panel: Panel | None, *, algorithm_version: str,
+                         manufacturer: str = "dicomnode", when: _dt.datetime | None = None,
+                         uid_prefix: str | None = None) -> Dataset:
+    """:func:`build_summary` with the source header read and the slice chosen by the caller.
+
+    ``write_reports`` reads the header once for both objects; ``warm`` passes
+    a tiny synthetic header and panel, so warming reads no file.
+    """
     when = when or _dt.datetime.now()
     uids = report_uids(result, prefix=uid_prefix)
-    example = read_example(result)
-    pixels = render(result, choose_panel(result), algorithm_version=algorithm_version)
+    pixels = render(result, panel, algorithm_version=algorithm_version)
     sc = SCImage.from_ref_dataset(
         ref_dataset=example,
         pixel_array=pixels,
@@ -641,5 +790,5 @@ def build_summary(result: VersionResult, *, algorithm_version: str, manufacturer
     sc.ImageComments = "Research use only. Not for diagnostic use."
     stamp_time(sc, when, date_attrs=[("InstanceCreationDate", "InstanceCreationTime"),
                                  ("DateOfSecondaryCapture", "TimeOfSecondaryCapture")])
-    log.info("built summary image for study %s version %s", result.study_id, result.version)
+    log.debug("built summary image for study %s version %s", result.study_id, result.version)
     return sc
