@@ -1,25 +1,33 @@
-"""Conversion speed: the node's converter path with dicom2nifti vs with dcm2niix, on a BraTS-sized series.
+"""Conversion speed: the node's convert stage against bare dcm2niix on the same files, in the same run.
 
     python benchmarks/convert.py [--rounds 5] [--shape 240 240 155] [--spacing 1 1 1]
-                                 [--vendor siemens] [--enhanced] [--gz] [--keep DIR]
+                                 [--vendor siemens] [--enhanced] [--gz] [--workers 1 2] [--keep DIR]
 
-Writes one synthetic study (``dicomnode.synth.make_phantom`` + ``write_study``;
-the T2 series: axial, one file per slice for classic, one multi-frame file for
-``--enhanced``), then alternates, ``--rounds`` times each:
+Writes one synthetic 4-series study (``dicomnode.synth.make_phantom`` +
+``write_study``: T1, T1CE, T2, FLAIR, one folder per series; classic MR one
+file per slice, or one Enhanced MR file per series with ``--enhanced``), then,
+``--rounds`` times:
 
-- ``convert_series(..., converters=("dicom2nifti",))``: what the node runs
-  first (pydicom read of every file, source-image geometry, dicom2nifti with
-  reorientation, atomic rename);
-- ``convert_series(..., converters=("dcm2niix",))``: the node's fallback
-  (same header pass, files linked into a private folder, the dcm2niix binary);
-- the bare ``dcm2niix`` command on the series folder (the reference in NOTES.md).
+- per series: ``convert_series`` as the node runs it (one pydicom read of every
+  file, source-image geometry, dicom2nifti in memory, the NIfTI written once)
+  and the bare ``dcm2niix`` command on that series' folder, in alternating
+  order; wall seconds and CPU seconds (this process for the node, the child
+  for dcm2niix);
+- the whole version: ``convert_version`` into a fresh folder for each
+  ``--workers`` value (1 = one series after the other; 0 = the node's default,
+  the idle cores), and ``dcm2niix`` on the 4 folders one after the other.
 
-Prints the median seconds of each and the ratios. The machine is shared:
-alternating the three in one run keeps load changes from favouring one.
+Prints medians and the ratios node / dcm2niix. The machine is shared: the CPU
+ratio is the steadier figure under load, the wall ratio is what a study waits.
+``--keep DIR`` keeps the study (and reuses it on the next run with the same
+arguments: writing 4 x 155 slices takes a minute).
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -32,8 +40,50 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from dicomnode.stages.convert import DCM2NIIX, DICOM2NIFTI, convert_series  # noqa: E402
-from dicomnode.synth import make_phantom, write_study  # noqa: E402
+from dicomnode.stages.convert import (
+    DICOM2NIFTI,
+    convert_series,
+    convert_version,
+    default_workers,
+)
+from dicomnode.synth import make_phantom, write_study
+
+ROLES: tuple[str, ...] = ("T1", "T1CE", "T2", "FLAIR")
+
+
+def _children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _dcm2niix(exe: str, folder: Path, out: Path, gz: bool) -> tuple[float, float]:
+    """(wall s, CPU s) of the bare command on one series folder."""
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    c0, t0 = _children_cpu(), time.perf_counter()
+    subprocess.run([exe, "-z", "y" if gz else "n", "-b", "n", "-f", "v", "-o", str(out), str(folder)],
+                   check=True, capture_output=True)
+    return time.perf_counter() - t0, _children_cpu() - c0
+
+
+def _study(work: Path, args: argparse.Namespace) -> dict[str, tuple[str, list[Path]]]:
+    """role -> (SeriesInstanceUID, files): written now, or read back from an earlier run with the same arguments."""
+    key = {"shape": args.shape, "spacing": args.spacing, "vendor": args.vendor, "enhanced": args.enhanced}
+    record = work / "study.json"
+    if record.exists():
+        kept = json.loads(record.read_text())
+        if kept["key"] == key and all(Path(f).exists() for _, files in kept["series"].values() for f in files):
+            print("series: reusing the study in", work / "study")
+            return {r: (uid, [Path(f) for f in files]) for r, (uid, files) in kept["series"].items()}
+    shutil.rmtree(work / "study", ignore_errors=True)
+    t0 = time.perf_counter()
+    vols, aff = make_phantom(shape=tuple(args.shape), spacing=tuple(args.spacing), seed=0)
+    study = write_study({r: vols[r] for r in ROLES}, aff, work / "study", vendor=args.vendor,
+                        enhanced=args.enhanced, seed=0, roles=list(ROLES))
+    series = {r: (study.series[r], study.files[r]) for r in ROLES}
+    record.write_text(json.dumps({"key": key, "series": {r: (u, [str(f) for f in fs]) for r, (u, fs) in series.items()}}))
+    print(f"series: written in {time.perf_counter() - t0:.1f} s")
+    return series
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vendor", default="siemens", choices=["siemens", "ge", "philips"])
     ap.add_argument("--enhanced", action="store_true")
     ap.add_argument("--gz", action="store_true", help="write .nii.gz (default .nii: the node's work files)")
-    ap.add_argument("--keep", type=Path, help="write the study and outputs here instead of a temporary folder")
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2],
+                    help="convert_version's workers to time (0 = the node's default: the idle cores)")
+    ap.add_argument("--keep", type=Path, help="keep the study and outputs here (and reuse the study next time)")
     args = ap.parse_args(argv)
     exe = shutil.which("dcm2niix")
     if exe is None:
@@ -52,40 +104,65 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench-convert-"))
     work.mkdir(parents=True, exist_ok=True)
+    suffix = ".nii.gz" if args.gz else ".nii"
     try:
-        t0 = time.perf_counter()
-        vols, aff = make_phantom(shape=tuple(args.shape), spacing=tuple(args.spacing), seed=0)
-        study = write_study({"T2": vols["T2"]}, aff, work / "study", vendor=args.vendor, enhanced=args.enhanced,
-                            seed=0, roles=["T2"])
-        files, uid = study.files["T2"], study.series["T2"]
-        print(f"series: {args.vendor} {'enhanced' if args.enhanced else 'classic'} T2, "
+        series = _study(work, args)
+        folders = {r: files[0].parent for r, (_, files) in series.items()}
+        print(f"study: {args.vendor} {'enhanced' if args.enhanced else 'classic'}, "
               f"{'x'.join(map(str, args.shape))} at {'x'.join(f'{s:g}' for s in args.spacing)} mm, "
-              f"{len(files)} file(s), written in {time.perf_counter() - t0:.1f} s")
-        suffix = ".nii.gz" if args.gz else ".nii"
-        times: dict[str, list[float]] = {DICOM2NIFTI: [], DCM2NIIX: [], "dcm2niix CLI": []}
-        for r in range(args.rounds):
-            for name in (DICOM2NIFTI, DCM2NIIX):
-                t = time.perf_counter()
-                res = convert_series(files, work / f"{name}-{r}{suffix}", role="T2", series_instance_uid=uid,
-                                     converters=(name,))
-                times[name].append(time.perf_counter() - t)
-                if not res.ok:
-                    print(f"{name} failed: {res.error}", file=sys.stderr)
+              + ", ".join(f"{r} {len(f)} file(s)" for r, (_, f) in series.items())
+              + f"; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+        node: dict[str, list[tuple[float, float]]] = {r: [] for r in ROLES}
+        bare: dict[str, list[tuple[float, float]]] = {r: [] for r in ROLES}
+        version: dict[str, list[float]] = {f"workers={w}": [] for w in args.workers}
+        version["dcm2niix x4"] = []
+        for rnd in range(args.rounds):
+            for role, (uid, files) in series.items():
+                for which in ((0, 1) if rnd % 2 == 0 else (1, 0)):
+                    if which == 0:
+                        c0, t0 = time.process_time(), time.perf_counter()
+                        res = convert_series(files, work / "out" / f"{role}-{rnd}{suffix}", role=role,
+                                             series_instance_uid=uid)
+                        node[role].append((time.perf_counter() - t0, time.process_time() - c0))
+                        if not res.ok or res.converter != DICOM2NIFTI:
+                            print(f"{role}: {res.converter or 'failed'}: {res.error or res.attempts}", file=sys.stderr)
+                            return 1
+                    else:
+                        bare[role].append(_dcm2niix(exe, folders[role], work / "cli" / role, args.gz))
+            for w in args.workers:
+                out = work / "version" / f"w{w}-{rnd}"
+                shutil.rmtree(out, ignore_errors=True)
+                t0 = time.perf_counter()
+                done = convert_version(series, out, workers=w or None)
+                version[f"workers={w}"].append(time.perf_counter() - t0)
+                if not all(c.ok for c in done.values()):
+                    print(f"convert_version(workers={w}) failed: {[c.error for c in done.values()]}", file=sys.stderr)
                     return 1
-            out = work / f"cli-{r}"
-            out.mkdir()
-            t = time.perf_counter()
-            subprocess.run([exe, "-z", "y" if args.gz else "n", "-b", "n", "-f", "v", "-o", str(out),
-                            str(files[0].parent)], check=True, capture_output=True)
-            times["dcm2niix CLI"].append(time.perf_counter() - t)
-        med = {k: statistics.median(v) for k, v in times.items()}
-        print(f"{'converter path':<28}{'median s':>10}{'min s':>10}   ({args.rounds} rounds, alternating)")
-        labels = {DICOM2NIFTI: "node, dicom2nifti", DCM2NIIX: "node, dcm2niix (fallback)",
-                  "dcm2niix CLI": "dcm2niix command alone"}
-        for k, label in labels.items():
-            print(f"{label:<28}{med[k]:>10.3f}{min(times[k]):>10.3f}")
-        print(f"ratio dicom2nifti / dcm2niix (node paths): {med[DICOM2NIFTI] / med[DCM2NIIX]:.1f}x")
-        print(f"ratio dicom2nifti / dcm2niix command alone: {med[DICOM2NIFTI] / med['dcm2niix CLI']:.1f}x")
+            t0 = time.perf_counter()
+            for role in ROLES:
+                _dcm2niix(exe, folders[role], work / "cli4" / role, args.gz)
+            version["dcm2niix x4"].append(time.perf_counter() - t0)
+            shutil.rmtree(work / "out", ignore_errors=True)
+            shutil.rmtree(work / "version", ignore_errors=True)
+
+        def med(xs: list[float]) -> float:
+            return statistics.median(xs)
+
+        print(f"\nper series, medians of {args.rounds} rounds (node = convert_series, dicom2nifti; "
+              f"dcm2niix = the bare command on the series folder)")
+        print(f"{'series':<7}{'files':>6}{'node s':>9}{'dcm2niix s':>12}{'ratio':>7}"
+              f"{'node CPU s':>12}{'dcm2niix CPU s':>16}{'CPU ratio':>11}")
+        for role in ROLES:
+            nw, nc = med([w for w, _ in node[role]]), med([c for _, c in node[role]])
+            bw, bc = med([w for w, _ in bare[role]]), med([c for _, c in bare[role]])
+            print(f"{role:<7}{len(series[role][1]):>6}{nw:>9.3f}{bw:>12.3f}{nw / bw:>6.1f}x"
+                  f"{nc:>12.3f}{bc:>16.3f}{nc / max(bc, 1e-6):>10.1f}x")
+        ref = med(version["dcm2niix x4"])
+        print(f"\nwhole version (4 series), medians of {args.rounds} rounds; the node's default workers now: "
+              f"{default_workers()} (load average {os.getloadavg()[0]:.1f})")
+        for name, xs in version.items():
+            print(f"{'convert_version ' + name if name != 'dcm2niix x4' else 'dcm2niix, 4 folders in turn':<34}"
+                  f"{med(xs):>8.3f} s{med(xs) / ref:>7.1f}x")
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -7,11 +7,13 @@ dcm2niix binary, checkpoints trained and exported by the training module
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 
+import dicom2nifti.settings as dicom2nifti_settings
 import nibabel as nib
 import numpy as np
 import pydicom
@@ -21,8 +23,8 @@ import torch
 from checkpoints import tiny_checkpoints
 from conftest import need
 from dicomnode.handoff import ModelResult
-from dicomnode.stages.convert import (DCM2NIIX, DICOM2NIFTI, MANIFEST_NAME, ConvertedSeries, convert_series,
-                                       convert_version)
+from dicomnode.stages.convert import (DCM2NIIX, DICOM2NIFTI, MANIFEST_NAME, ConvertedSeries, _fingerprint,
+                                       _native_pixels, convert_series, convert_version)
 from dicomnode.stages.infer import ModelCache, calibrate, run_model, temperatures_of
 from dicomnode.stages.preprocess import PrepareError, load_case, prepare, save_case
 from dicomnode.synth import TISSUES, make_phantom, phantom_labels, write_study
@@ -193,6 +195,100 @@ def test_convert_version_is_idempotent(siemens, tmp_path: Path) -> None:
     # a deleted volume is redone
     Path(third["T2"].nifti).unlink()
     assert convert_version(series, tmp_path)["T2"].ok
+
+
+def test_a_version_converted_in_parallel_equals_it_converted_in_turn(siemens, tmp_path: Path) -> None:
+    """Two worker processes give the same volumes and records as one series after the other."""
+    series = {r: (siemens.series[r], siemens.files[r]) for r in ("T1", "T1CE", "T2", "FLAIR")}
+    serial = convert_version(series, tmp_path / "serial", workers=1)
+    parallel = convert_version(series, tmp_path / "parallel", workers=2)
+    assert list(parallel) == list(series)  # the caller's order, whichever finished first
+    for role in series:
+        a, b = serial[role], parallel[role]
+        assert a.ok and b.ok and a.converter == b.converter == DICOM2NIFTI
+        assert (a.images, a.normal, a.shape, a.affine, a.fingerprint) == (b.images, b.normal, b.shape, b.affine,
+                                                                          b.fingerprint)
+        ia, ib = nib.load(a.nifti), nib.load(b.nifti)
+        assert ia.get_data_dtype() == ib.get_data_dtype() == np.float32  # float32: what every reader loads
+        assert np.array_equal(np.asarray(ia.dataobj), np.asarray(ib.dataobj))
+    assert set(json.loads((tmp_path / "parallel" / MANIFEST_NAME).read_text())["series"]) == set(series)
+    with pytest.raises(ValueError, match="workers"):
+        convert_version(series, tmp_path / "bad", workers=0)
+
+
+def test_native_pixels_are_what_pydicom_decodes(siemens, phantom, tmp_path: Path) -> None:
+    """The node's own decoding of plain pixel data gives pydicom's array: dtype, shape, unused bits."""
+    vols, aff = phantom
+    enhanced = write_study(vols, aff, tmp_path / "enhanced", vendor="philips", enhanced=True, seed=3, roles=["T2"])
+    rng = np.random.default_rng(0)
+    variants = {"unsigned 16 of 16": pydicom.dcmread(siemens.files["T2"][5]),
+                "multi-frame": pydicom.dcmread(enhanced.files["T2"][0])}
+    for name, signed, bits, stored in (("unsigned 12 of 16, junk above", 0, 16, 12),
+                                       ("signed 12 of 16, negative", 1, 16, 12), ("unsigned 8", 0, 8, 8),
+                                       ("signed 32", 1, 32, 32)):
+        ds = pydicom.dcmread(siemens.files["T2"][5])
+        dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
+        raw = rng.integers(np.iinfo(dtype).min, np.iinfo(dtype).max, size=(ds.Rows, ds.Columns), dtype=dtype,
+                           endpoint=True)
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, stored, stored - 1, signed
+        ds.PixelData = raw.tobytes()
+        variants[name] = ds
+    for name, ds in variants.items():
+        ours, theirs = _native_pixels(ds), ds.pixel_array
+        assert ours is not None, name
+        assert ours.dtype == theirs.dtype and ours.shape == theirs.shape and np.array_equal(ours, theirs), name
+        assert ours.flags.writeable, name
+    big = pydicom.dcmread(siemens.files["T2"][5])
+    big.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRBigEndian
+    assert _native_pixels(big) is None  # anything but plain little-endian data: pydicom decodes it
+
+
+def test_dicom2nifti_keeps_the_checks_the_node_does_not_make(siemens, tmp_path: Path) -> None:
+    """Gantry tilt and a missing slice are still dicom2nifti's to refuse (then dcm2niix runs, or nothing)."""
+    need(HAVE_DCM2NIIX, "dcm2niix not installed")
+    uid = siemens.series["T2"]
+    ordered = sorted(siemens.files["T2"],
+                     key=lambda f: float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2]))
+
+    def rewrite(name: str, skip: int | None = None, shear: float = 0.0) -> list[Path]:
+        out, files = tmp_path / name, []
+        out.mkdir()
+        for i, f in enumerate(ordered):
+            if i == skip:
+                continue
+            ds = pydicom.dcmread(f)
+            ipp = [float(v) for v in ds.ImagePositionPatient]
+            ds.ImagePositionPatient = [ipp[0], ipp[1] + shear * ipp[2], ipp[2]]  # shear: slices slide along y
+            files.append(out / f"{i:04d}.dcm")
+            ds.save_as(files[-1])
+        return files
+
+    tilted = convert_series(rewrite("tilt", shear=0.2), tmp_path / "tilt.nii", role="T2", series_instance_uid=uid)
+    assert tilted.converter == DCM2NIIX and "GANTRY_TILT" in tilted.attempts[0], tilted.attempts
+    gap = convert_series(rewrite("gap", skip=10), tmp_path / "gap.nii", role="T2", series_instance_uid=uid)
+    assert gap.attempts[0].startswith("dicom2nifti: ") and "SLICE_INCREMENT" in gap.attempts[0], gap.attempts
+    assert dicom2nifti_settings.validate_orientation  # switched off for the node's calls only
+
+
+def test_fingerprint_is_the_fully_resolved_paths(siemens, tmp_path: Path) -> None:
+    """The per-folder shortcut gives the value of resolving every path in full (manifests stay valid)."""
+    files = siemens.files["T2"][:4]
+    (tmp_path / "link.dcm").symlink_to(files[0])
+    (tmp_path / "folder").symlink_to(files[0].parent, target_is_directory=True)
+    listed = [*files, tmp_path / "link.dcm", tmp_path / "folder" / files[1].name, tmp_path / "gone.dcm"]
+
+    def reference(paths: list[Path]) -> str:
+        h = hashlib.sha256()
+        for f in sorted(str(Path(p).resolve()) for p in paths):
+            try:
+                st = os.stat(f)
+                h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            except OSError:
+                h.update(f"{f}\0missing\n".encode())
+        return h.hexdigest()
+
+    assert _fingerprint(listed) == reference(listed)
+    assert _fingerprint(listed[::-1]) == reference(listed)
 
 
 # ----------------------------------------------------------------------------- prepare
