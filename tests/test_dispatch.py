@@ -27,7 +27,7 @@ from pynetdicom.sop_class import MRImageStorage, SecondaryCaptureImageStorage, V
 
 from conftest import dcmtk_tool, need
 from dicomnode.config import Settings
-from dicomnode.dicom.peer import echo_destinations
+from dicomnode.dicom.scu import echo_destinations
 from dicomnode.dicom.status import Verdict, backoff_s, classify_status
 from dicomnode.runtime.dispatcher import Dispatcher
 from dicomnode.stages.dispatch import PARKED, PENDING, SENT, Delivery, Outbox
@@ -337,6 +337,25 @@ def test_peer_that_does_not_accept_the_sop_class_parks_it(tmp_path: Path, make_o
     r = row(outbox)
     assert r["state"] == PARKED and "none of the proposed SOP class" in r["last_error"]
     assert scp.received == []
+
+
+def test_one_pump_sends_what_the_peer_takes_and_parks_the_rest(tmp_path: Path, make_outbox, scps) -> None:
+    """One association for both objects (the SCU's one loop): the accepted context is sent, the other parked."""
+    scp = scps()  # takes Secondary Capture only
+    s = settings_for(tmp_path / "data", dest(scp.port))
+    outbox = make_outbox(s)
+    sc, mr = write_sc(s.data_path), write_sc(s.data_path)
+    ds = dcmread(mr)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
+    ds.save_as(mr, enforce_file_format=True)
+    outbox.enqueue([sc, mr], study_id=13, version_id=1)
+    result = outbox.pump()
+    assert len(result.sent) == 1 and len(result.parked) == 1
+    by_class = {r["sop_class_uid"]: r for r in outbox.status()}
+    assert by_class[SecondaryCaptureImageStorage]["state"] == SENT
+    parked = by_class[MRImageStorage]
+    assert parked["state"] == PARKED and "did not accept SOP class" in parked["last_error"]
+    assert scp.received == [str(dcmread(sc).SOPInstanceUID)]
 
 
 def test_association_rejections_permanent_parks_transient_retries(tmp_path: Path, make_outbox, scps) -> None:

@@ -3,16 +3,26 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
+from nodeutil import NODE_AET, NodeProcess, associate, mr_dataset, store
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from pynetdicom import _config
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
 from pynetdicom.sop_class import RawDataStorage
 
-from nodeutil import NODE_AET, NodeProcess, associate, mr_dataset, store
+from dicomnode.dicom.shim import configure
+from dicomnode.dicom.sop import MR_IMAGE_STORAGE, SECONDARY_CAPTURE_IMAGE_STORAGE
+from dicomnode.spool import Spool
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _send_files_as_they_are() -> None:
+    """Files go out as they are on disk (truncated and garbage ones included): the node's pynetdicom settings."""
+    configure()
 
 
 @pytest.fixture
@@ -79,12 +89,8 @@ def test_non_image_objects_stored_not_for_grading(node: NodeProcess) -> None:
 
 
 def _raw_send(port: int, path: Path) -> int:
-    """Send a file's bytes exactly as they are (pynetdicom chunked send does not re-encode)."""
-    _config.STORE_SEND_CHUNKED_DATASET = True
-    try:
-        (status,) = store(port, path)
-    finally:
-        _config.STORE_SEND_CHUNKED_DATASET = False
+    """Send a file's bytes exactly as they are (pynetdicom's chunked send, set by ``configure``, does not re-encode)."""
+    (status,) = store(port, path)
     return status
 
 
@@ -154,11 +160,8 @@ def test_no_phi_in_info_logs(node: NodeProcess) -> None:
 
 
 def test_explicit_vr_preferred_when_both_proposed(node: NodeProcess) -> None:
-    from pydicom.uid import ImplicitVRLittleEndian
-    from pynetdicom import AE
-
     ae = AE(ae_title="GOODSCU")
-    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.4", [ImplicitVRLittleEndian, ExplicitVRLittleEndian])
+    ae.add_requested_context(MR_IMAGE_STORAGE, [ImplicitVRLittleEndian, ExplicitVRLittleEndian])
     assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AET)
     assert assoc.is_established
     (cx,) = assoc.accepted_contexts
@@ -167,8 +170,6 @@ def test_explicit_vr_preferred_when_both_proposed(node: NodeProcess) -> None:
 
 
 def test_spool_recovery_moves_unindexed_files_and_drops_partials(tmp_path: Path) -> None:
-    from dicomnode.spool import Spool
-
     spool = Spool(tmp_path, fsync=True)
     partial = spool.tmp / "half.dcm"
     partial.write_bytes(b"partial")
@@ -191,18 +192,43 @@ def test_truncated_encapsulated_dataset_is_refused(node: NodeProcess, tmp_path: 
     jp2 = real_data_dir / "siemens_trio_EPI_9_transfer_syntaxes_HUMAN" / "dcm" / "9.dcm"
     cut = tmp_path / "cut.dcm"
     cut.write_bytes(jp2.read_bytes()[:-5000])
-    from pynetdicom import AE
-
     ds = dcmread(jp2, stop_before_pixels=True)
     ae = AE(ae_title="GOODSCU")
     ae.add_requested_context(ds.SOPClassUID, [ds.file_meta.TransferSyntaxUID])
-    _config.STORE_SEND_CHUNKED_DATASET = True
-    try:
-        assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AET)
-        assert assoc.is_established
-        assert int(assoc.send_c_store(cut).Status) == 0xC214
-        assert int(assoc.send_c_store(jp2).Status) == 0
-        assoc.release()
-    finally:
-        _config.STORE_SEND_CHUNKED_DATASET = False
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AET)
+    assert assoc.is_established
+    assert int(assoc.send_c_store(cut).Status) == 0xC214
+    assert int(assoc.send_c_store(jp2).Status) == 0
+    assoc.release()
     assert len(node.spool_files()) == 1
+
+
+def test_parallel_associations_all_stored_and_a_foreign_report_class_is_stored(node: NodeProcess) -> None:
+    """Four associations at once (index writes take turns, directory fsyncs are shared): every instance indexed.
+
+    A Secondary Capture is a class the node itself sends; one that is not the
+    node's own is stored like anything else.
+    """
+    study = generate_uid()
+    series = [generate_uid() for _ in range(4)]
+    results: list[list[int]] = []
+
+    def send(k: int) -> None:
+        results.append(store(node.port, *(mr_dataset(study, series[k], instance=i) for i in range(10))))
+
+    threads = [threading.Thread(target=send, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [[0] * 10] * 4
+    sc = mr_dataset(study, generate_uid())
+    sc.SOPClassUID = sc.file_meta.MediaStorageSOPClassUID = SECONDARY_CAPTURE_IMAGE_STORAGE
+    sc.Modality = "OT"
+    assoc = associate(node.port, contexts=(SECONDARY_CAPTURE_IMAGE_STORAGE,))
+    assert assoc.is_established
+    assert int(assoc.send_c_store(sc).Status) == 0
+    assoc.release()
+    (st,) = node.status()["studies"]
+    assert st["instances"] == 41 and st["duplicates"] == 0
+    assert len(node.spool_files()) == 41

@@ -1,13 +1,23 @@
 """The PACS-facing edge: a pynetdicom Storage and Verification SCP.
 
 Handlers here do the minimum an acknowledgement needs and nothing more: check
-the peer, check the dataset is understandable, make it durable (fsync, atomic
-rename, index row committed) and return a status. Assembly, identification and
-everything heavier run elsewhere; a clean release only nudges the assembler.
+the peer, check the dataset is understandable, make it durable (the spool's
+fdatasync, then the index row committed) and return a status. Assembly,
+identification and everything heavier run elsewhere; a clean release only
+nudges the assembler.
 
 Success (0x0000) is sent only after the handler returns (pynetdicom sends the
 C-STORE response after ``EVT_C_STORE``), so an acknowledged instance is on disk
-and in the index.
+and in the index. Which failure gets which status follows the transient /
+permanent rule in :mod:`dicomnode.dicom.status`.
+
+Speed (docs/receive.md has the figures): the associations run pynetdicom's
+reactors made event-driven (:mod:`dicomnode.dicom.shim`); the spool makes an
+instance durable with one fdatasync; the index is asked "is this ours?" only
+for the SOP classes the node sends, and "is this a duplicate?" only when the
+insert says so; index writes from concurrent associations take turns on a
+lock in this process instead of meeting in SQLite's busy handler, which
+sleeps (1, 2, 5, 10 ms ...) between its retries.
 """
 from __future__ import annotations
 
@@ -20,34 +30,32 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from dicomnode.config import Peer, Settings
-from dicomnode.index.studies import Index, InstanceMeta
+from dicomnode.dicom.shim import configure, start_server
+from dicomnode.dicom.sop import GRADABLE_SOP_CLASSES, SENT_SOP_CLASSES, VERIFICATION
+from dicomnode.dicom.status import (
+    CANNOT_UNDERSTAND,
+    COMMAND_DATASET_MISMATCH,
+    DATASET_DOES_NOT_MATCH_SOP_CLASS,
+    MISSING_OR_INVALID_UID,
+    OUT_OF_RESOURCES,
+    PIXEL_DATA_TRUNCATED,
+    SUCCESS,
+)
+from dicomnode.index.studies import Index, InstanceMeta, StoreOutcome
 from dicomnode.logs import uid_tag
 from dicomnode.spool import Spool
 
 log = logging.getLogger(__name__)
-
-MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
-ENHANCED_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
-GRADABLE_SOP_CLASSES = frozenset({MR_IMAGE_STORAGE, ENHANCED_MR_IMAGE_STORAGE})
-
-# C-STORE statuses (PS3.4 B.2.3). The 0xC2xx codes are ours within "Cannot understand".
-SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700
-DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
-CANNOT_UNDERSTAND = 0xC210
-MISSING_OR_INVALID_UID = 0xC212
-COMMAND_DATASET_MISMATCH = 0xC213
-PIXEL_DATA_TRUNCATED = 0xC214
 
 # The acceptor's order decides which proposed syntax is taken (pynetdicom).
 # Explicit VR first (keeps VRs of private tags), then every compressed and
@@ -83,17 +91,17 @@ def inspect_received(path: Path, command_sop_class: str, command_sop_instance: s
     size = path.stat().st_size
     try:
         with open(path, "rb") as fh:
-            ds = dcmread(fh, defer_size=4096)
+            ds = _read_received(fh, transfer_syntax)
             end = fh.tell()
-        # pydicom converts values lazily: touch the ones we need now, so a
-        # malformed element fails here and not in the assembler later.
-        sop_instance = ds.get("SOPInstanceUID")
-        sop_class = ds.get("SOPClassUID")
-        study_uid = ds.get("StudyInstanceUID")
-        series_uid = ds.get("SeriesInstanceUID")
-        modality = ds.get("Modality")
-        series_number = ds.get("SeriesNumber")
-        description = ds.get("SeriesDescription")
+        # Every element is walked (the end-of-parse check below); only these
+        # few are decoded, the UIDs and code strings straight from their bytes.
+        sop_instance = _ascii(ds, 0x00080018)
+        sop_class = _ascii(ds, 0x00080016)
+        study_uid = _ascii(ds, 0x0020000D)
+        series_uid = _ascii(ds, 0x0020000E)
+        modality = _ascii(ds, 0x00080060)
+        series_number = _ascii(ds, 0x00200011)
+        description = ds.get("SeriesDescription")  # LO: the dataset's character set applies
     except Exception as exc:  # pydicom raises many types on garbage; none may reach pynetdicom
         raise Refused(CANNOT_UNDERSTAND, f"unreadable dataset: {type(exc).__name__}") from exc
     if end != size:
@@ -110,32 +118,64 @@ def inspect_received(path: Path, command_sop_class: str, command_sop_instance: s
     ):
         if not valid_uid(value):
             raise Refused(MISSING_OR_INVALID_UID, f"missing or invalid {name}")
-    if str(sop_instance) != command_sop_instance.strip("\0 "):
+    assert sop_instance is not None and sop_class is not None and study_uid is not None and series_uid is not None
+    if sop_instance != command_sop_instance.strip("\0 "):
         raise Refused(COMMAND_DATASET_MISMATCH, "SOPInstanceUID differs from the C-STORE request")
-    if str(sop_class) != command_sop_class.strip("\0 "):
+    if sop_class != command_sop_class.strip("\0 "):
         raise Refused(DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOPClassUID differs from the C-STORE request")
-    is_image_class = str(sop_class) in GRADABLE_SOP_CLASSES or "Image" in UID(str(sop_class)).name
+    is_image_class = sop_class in GRADABLE_SOP_CLASSES or "Image" in UID(sop_class).name
     pixel = next((ds.get_item(t, keep_deferred=True) for t in _PIXEL_TAGS if t in ds), None)
     if is_image_class and pixel is None:
         raise Refused(DATASET_DOES_NOT_MATCH_SOP_CLASS, "image SOP class without pixel data")
     if pixel is not None:
         _check_pixel_length(ds, pixel)
     try:
-        number = int(series_number) if series_number not in (None, "") else None
-    except (TypeError, ValueError):
+        number = int(series_number) if series_number else None
+    except ValueError:
         number = None
-    mod = str(modality) if modality else None
     return InstanceMeta(
-        sop_instance_uid=str(sop_instance),
-        sop_class_uid=str(sop_class),
+        sop_instance_uid=sop_instance,
+        sop_class_uid=sop_class,
         transfer_syntax_uid=transfer_syntax,
-        study_instance_uid=str(study_uid),
-        series_instance_uid=str(series_uid),
-        modality=mod,
+        study_instance_uid=study_uid,
+        series_instance_uid=series_uid,
+        modality=modality or None,
         series_number=number,
         series_description=str(description) if description else None,
-        gradable=str(sop_class) in GRADABLE_SOP_CLASSES and mod == "MR",
+        gradable=sop_class in GRADABLE_SOP_CLASSES and modality == "MR",
     )
+
+
+# What pynetdicom writes before the dataset it streams to disk: preamble, "DICM",
+# then the File Meta Information group, which opens with its explicit VR group length.
+_META_START = b"DICM" + b"\x02\x00\x00\x00UL\x04\x00"
+
+
+def _read_received(fh: BinaryIO, transfer_syntax: str) -> Dataset:
+    """The dataset of a file pynetdicom wrote, without re-parsing the meta group pynetdicom itself wrote.
+
+    pynetdicom writes the file meta from the negotiated context, so the
+    transfer syntax is known; parsing (and validating) that group again was
+    about 0.4 ms of CPU per instance, a third of this function. Anything
+    else (a deflated syntax, a file of another layout) goes through dcmread.
+    """
+    syntax = UID(transfer_syntax)
+    head = fh.read(144)
+    if syntax.is_deflated or len(head) < 144 or head[128:140] != _META_START:
+        fh.seek(0)
+        return dcmread(fh, defer_size=4096)
+    fh.seek(144 + int.from_bytes(head[140:144], "little"))
+    return read_dataset(fh, syntax.is_implicit_VR, syntax.is_little_endian, defer_size=4096)
+
+
+def _ascii(ds: Dataset, tag: int) -> str | None:
+    """An ASCII-only value (UI, CS, IS) from its bytes, trailing padding removed; None when absent or empty."""
+    item = ds.get_item(tag)
+    if item is None or item.value is None:
+        return None
+    value = item.value
+    text = value.decode("ascii", errors="replace") if isinstance(value, bytes) else str(value)
+    return text.strip("\0 ") or None
 
 
 def _check_pixel_length(ds: Dataset, elem: Any) -> None:
@@ -202,7 +242,8 @@ class StorageSCP:
         self.on_release = on_release
         self._rules = _compile_peers(settings.allowed_peers)
         self._touched: dict[int, set[int]] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _touched
+        self._index_writes = threading.Lock()  # one index writer at a time from this process (see module docstring)
         self.server: Any = None
 
     def build_ae(self) -> AE:
@@ -214,7 +255,7 @@ class StorageSCP:
         ae.network_timeout = s.network_timeout_s
         ae.maximum_pdu_size = s.max_pdu
         ae.require_called_aet = False  # checked in _on_requested, which logs the peer
-        ae.add_supported_context(Verification)
+        ae.add_supported_context(VERIFICATION)
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, PREFERRED_TRANSFER_SYNTAXES)
         return ae
@@ -232,11 +273,11 @@ class StorageSCP:
         return ctx
 
     def start(self) -> None:
-        # Stream each dataset to a file as it arrives (memory flat whatever the
-        # instance size), in our spool's tmp so the commit is a same-filesystem
-        # rename. tempfile.tempdir is the documented knob pynetdicom's
+        # pynetdicom streams each dataset into a file as it arrives (memory flat
+        # whatever the instance size): in our spool's tmp, so the commit renames
+        # within one filesystem. tempfile.tempdir is the knob pynetdicom's
         # NamedTemporaryFile honours; this process is the node's own.
-        _config.STORE_RECV_CHUNKED_DATASET = True
+        configure()
         tempfile.tempdir = str(self.spool.tmp)
         s = self.settings
         if not s.allowed_peers:
@@ -250,8 +291,7 @@ class StorageSCP:
             (evt.EVT_ABORTED, self._on_ended),
             (evt.EVT_CONN_CLOSE, self._on_ended),
         ]
-        ae = self.build_ae()
-        self.server = ae.start_server((s.host, s.port), block=False, evt_handlers=handlers, ssl_context=self._ssl_context())
+        self.server = start_server(self.build_ae(), (s.host, s.port), handlers, self._ssl_context())
         log.info("listening as %s on %s:%d (TLS %s)", s.ae_title, s.host, self.port, "on" if s.tls.enabled else "off")
 
     @property
@@ -318,24 +358,17 @@ class StorageSCP:
         except Refused as r:
             return self._refuse(r.status, r.comment, r.comment, calling, address)
         try:
-            if self.index.is_known_instance(meta.sop_instance_uid):
-                return self._duplicate(meta, calling, address)
-            if self.index.is_own_object(meta.sop_instance_uid):
-                self.index.count_returned_own_object(meta.sop_instance_uid, calling, address)
+            # Only an object of a class the node sends can be one of its own reports coming back.
+            if meta.sop_class_uid in SENT_SOP_CLASSES and self.index.is_own_object(meta.sop_instance_uid):
+                with self._index_writes:
+                    self.index.count_returned_own_object(meta.sop_instance_uid, calling, address)
                 log.info("our own report %s came back from %r: Success, not stored again",
                          uid_tag(meta.sop_instance_uid), calling)
                 return SUCCESS
             rel, size = self.spool.commit(tmp)
-            try:
-                outcome = self.index.add_instance(meta, rel, size, calling, address)
-            except IntegrityError:
-                self.spool.remove(rel)
-                if self.index.is_known_instance(meta.sop_instance_uid):
-                    return self._duplicate(meta, calling, address)
-                raise
-            except BaseException:
-                self.spool.remove(rel)  # not acknowledged, not indexed: do not keep it
-                raise
+            outcome = self._index(meta, rel, size, calling, address)
+            if outcome is None:
+                return self._duplicate(meta, calling, address)
         except OSError as exc:
             return self._refuse(OUT_OF_RESOURCES, "node cannot write its spool",
                                 f"cannot write spool: {exc.strerror or type(exc).__name__}", calling, address)
@@ -348,13 +381,33 @@ class StorageSCP:
         log.debug("stored %s for study %d version %d", uid_tag(meta.sop_instance_uid), outcome.study_id, outcome.version)
         return SUCCESS
 
+    def _index(self, meta: InstanceMeta, rel: str, size: int, calling: str, address: str) -> StoreOutcome | None:
+        """Commit the index row of a file the spool made durable; None if the SOP instance was already stored.
+
+        There is no look-up first: the unique SOP Instance UID makes the insert
+        itself the duplicate check, which saves a query per instance at the
+        price of a spool write per repeat (a PACS re-sending a study).
+        """
+        try:
+            with self._index_writes:
+                return self.index.add_instance(meta, rel, size, calling, address)
+        except IntegrityError:
+            self.spool.remove(rel)
+            if self.index.is_known_instance(meta.sop_instance_uid):
+                return None
+            raise
+        except BaseException:
+            self.spool.remove(rel)  # not acknowledged, not indexed: do not keep it
+            raise
+
     def _refuse(self, status: int, comment: str, why: str, calling: str, address: str) -> Dataset:
         """Answer a failure status; log and record why (the sender sees ``comment``)."""
         self._operator_event("store_refused", f"C-STORE refused (0x{status:04X}): {why}; calling AE {calling!r} from {address}")
         return _failure(status, comment)
 
     def _duplicate(self, meta: InstanceMeta, calling: str, address: str) -> int:
-        self.index.count_duplicate(meta.sop_instance_uid, calling, address)
+        with self._index_writes:
+            self.index.count_duplicate(meta.sop_instance_uid, calling, address)
         log.info("duplicate instance %s from %r: first copy kept, Success sent", uid_tag(meta.sop_instance_uid), calling)
         return SUCCESS
 

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
-from pynetdicom import _config
 from sqlalchemy import func, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -34,12 +33,12 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
 from dicomnode.config import DestinationSettings, Settings
+from dicomnode.dicom.scu import OutgoingFile, Timeouts, store
+from dicomnode.dicom.status import Outcome, Verdict, backoff_s
 from dicomnode.index.schema import Delivery
 from dicomnode.index.studies import Index, VersionInfo
-from dicomnode.stages.context import StageContext
 from dicomnode.logs import uid_tag
-from dicomnode.dicom.status import Outcome, Verdict, backoff_s, classify_status
-from dicomnode.dicom.peer import MAX_CONTEXTS, open_association
+from dicomnode.stages.context import StageContext
 
 log = logging.getLogger(__name__)
 
@@ -261,50 +260,19 @@ class Outbox:
             )
 
     def _send(self, dest: DestinationSettings, rows: list[_Claimed]) -> dict[int, Outcome]:
-        """C-STORE the claimed rows' files as stored; no database access here."""
+        """C-STORE the claimed rows' files as stored (the SCU's one loop); no database access here."""
         outcomes: dict[int, Outcome] = {}
-        sendable: list[_Claimed] = []
+        files: list[OutgoingFile] = []
         for r in rows:
-            if (self.settings.data_path / r.path).is_file():
-                sendable.append(r)
+            path = self.settings.data_path / r.path
+            if path.is_file():
+                files.append(OutgoingFile(path, r.sop_class_uid, r.transfer_syntax_uid, ref=r.id))
             else:
                 outcomes[r.id] = Outcome(Verdict.PARK, None, f"file {r.path} is missing from the data directory")
-        # Files go out as they are on disk, in their own transfer syntax: the
-        # peer gets the same bytes (and the same SOP Instance UID) every retry.
-        _config.STORE_SEND_CHUNKED_DATASET = True
-        for chunk in _context_chunks(sendable):
-            contexts = sorted({(r.sop_class_uid, r.transfer_syntax_uid) for r in chunk})
-            assoc, failure = open_association(self.settings, dest, contexts)
-            if assoc is None:
-                assert failure is not None
-                outcomes.update({r.id: failure for r in chunk})
-                continue
-            accepted = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
-            try:
-                for r in chunk:
-                    if not assoc.is_established:
-                        outcomes[r.id] = Outcome(Verdict.RETRY, None, "association ended before this object was sent")
-                        continue
-                    if (r.sop_class_uid, r.transfer_syntax_uid) not in accepted:
-                        outcomes[r.id] = Outcome(
-                            Verdict.PARK, None,
-                            f"{dest.name} did not accept SOP class {r.sop_class_uid} "
-                            f"in transfer syntax {r.transfer_syntax_uid}",
-                        )
-                        continue
-                    try:
-                        rsp = assoc.send_c_store(self.settings.data_path / r.path)
-                    except Exception as exc:  # a file pynetdicom cannot send must not end the batch
-                        outcomes[r.id] = Outcome(Verdict.PARK, None, f"cannot send file: {type(exc).__name__}: {exc}")
-                        continue
-                    status = int(rsp.Status) if "Status" in rsp else None
-                    comment = str(rsp.get("ErrorComment", "") or "")
-                    if comment:
-                        log.debug("delivery %d: peer comment %r", r.id, comment)
-                    outcomes[r.id] = classify_status(status, comment)
-            finally:
-                if assoc.is_established:
-                    assoc.release()
+        s = self.settings
+        for f, outcome in store(dest, files, calling_ae=s.ae_title, timeouts=Timeouts.of(s), max_pdu=s.max_pdu):
+            assert f.ref is not None
+            outcomes[f.ref] = outcome
         return outcomes
 
     def _record(
@@ -425,23 +393,6 @@ class Outbox:
         out = {st: int(counts.get(st, 0)) for st in STATES}
         out["total"] = sum(out.values())
         return out
-
-
-def _context_chunks(rows: list[_Claimed]) -> list[list[_Claimed]]:
-    """Split so no association proposes more than MAX_CONTEXTS presentation contexts."""
-    chunks: list[list[_Claimed]] = []
-    current: list[_Claimed] = []
-    contexts: set[tuple[str, str]] = set()
-    for r in rows:
-        key = (r.sop_class_uid, r.transfer_syntax_uid)
-        if key not in contexts and len(contexts) == MAX_CONTEXTS:
-            chunks.append(current)
-            current, contexts = [], set()
-        current.append(r)
-        contexts.add(key)
-    if current:
-        chunks.append(current)
-    return chunks
 
 
 def _iso(t: float | None) -> str | None:

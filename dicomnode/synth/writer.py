@@ -16,12 +16,10 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import DSfloat
 from pydicom.sr.codedict import codes
 
+from dicomnode.dicom.sop import ENHANCED_MR_IMAGE_STORAGE, MR_IMAGE_STORAGE
 from dicomnode.synth import protocols as _p
 from dicomnode.synth.geometry import PLANES, SliceStack, check_affine, slice_stack
 from dicomnode.synth.phantom import ROLES
-
-MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
-ENHANCED_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
 
 _FILE_NAME = re.compile(r"^\d{4}\.dcm$")
 
