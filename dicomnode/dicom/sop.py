@@ -16,6 +16,8 @@ LEGACY_CONVERTED_ENHANCED_MR_IMAGE_STORAGE = str(sop_class.LegacyConvertedEnhanc
 # The listener marks an instance gradable when it is one of these and its Modality is MR;
 # anything else of a storage class is stored (a PACS routes whole studies) but never graded.
 GRADABLE_SOP_CLASSES = frozenset({MR_IMAGE_STORAGE, ENHANCED_MR_IMAGE_STORAGE})
+# Every MR image class whose headers the sequence identifier reads (legacy-converted ones included).
+MR_IMAGE_SOP_CLASSES = frozenset({MR_IMAGE_STORAGE, ENHANCED_MR_IMAGE_STORAGE, LEGACY_CONVERTED_ENHANCED_MR_IMAGE_STORAGE})
 
 # -- out: the report objects (stages/report) -----------------------------------------
 COMPREHENSIVE_3D_SR = str(sop_class.Comprehensive3DSRStorage)  # 1.2.840.10008.5.1.4.1.1.88.34

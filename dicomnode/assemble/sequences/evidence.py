@@ -24,11 +24,8 @@ from typing import Any, NamedTuple
 from pydicom.dataset import Dataset
 
 from dicomnode.assemble.sequences.keywords import NO_AGENT, normalize
+from dicomnode.dicom.sop import MR_IMAGE_SOP_CLASSES
 
-MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
-ENHANCED_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
-LEGACY_ENHANCED_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.4"
-MR_IMAGE_SOP_CLASSES = frozenset({MR_IMAGE_STORAGE, ENHANCED_MR_IMAGE_STORAGE, LEGACY_ENHANCED_MR_IMAGE_STORAGE})
 
 # Attribute keywords of the Contrast/Bolus module whose presence with a real value
 # means an agent was given (ContrastBolusRoute alone is not enough: some consoles

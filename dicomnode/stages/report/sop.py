@@ -30,6 +30,7 @@ from pydicom.sr.codedict import codes as pcodes
 from pydicom.uid import generate_uid
 from pydicom.valuerep import DA, DT, TM
 
+from dicomnode.dicom.sop import COMPREHENSIVE_3D_SR
 from dicomnode.handoff import SourceRef, VersionResult
 
 from dicomnode.stages.report import codes as c
@@ -37,7 +38,6 @@ from dicomnode.stages.report import content
 
 log = logging.getLogger(__name__)
 
-COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 SR_SERIES_NUMBER = 9901
 SC_SERIES_NUMBER = 9902
 SR_SERIES_DESCRIPTION = "Glioma grading (research use)"
