@@ -1,8 +1,28 @@
 """``dicomnode``: thin shells over the library (as pynetdicom's apps are).
 
 Settings are read here, once, and passed down.
+
+Imports are at the top, as everywhere in dicomnode, with one exception: the
+commands that bring torch or ``training`` into the process import what they
+need inside their own function (tests/test_layout.py lists them): ``demo``
+(it trains demo checkpoints) and ``synth`` (``--head`` builds a cohort head
+with ``training``; the phantom writer alone adds PIL and a fifth of a second
+of imports). So ``serve``, whose start-up is measured (benchmarks/startup.py),
+``worker``, ``status`` and the rest never load what only those commands use.
 """
 from __future__ import annotations
+
+# ruff: noqa: E402
+import gc
+
+# The imports below (SQLAlchemy, pydicom, pynetdicom, Celery, alembic) allocate
+# hundreds of thousands of long-lived objects and no garbage: the cyclic
+# collector would run some 360 times over them for nothing (about 0.1 s of the
+# node's start-up). Collection resumes after them, with what they made frozen
+# (gc.freeze), which also keeps collections in prefork worker children from
+# writing to, and so copying, the pages they share with their parent.
+_gc_was_enabled = gc.isenabled()
+gc.disable()
 
 import argparse
 import dataclasses
@@ -11,8 +31,26 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, InterfaceError, NoSuchModuleError, OperationalError, SQLAlchemyError
+
 from dicomnode.config import Settings, SettingsError, load_settings
+from dicomnode.dicom.scu import echo_destinations
+from dicomnode.dicom.scu import Destination, echo, send
+from dicomnode.index import migrate
+from dicomnode.index.studies import Index
 from dicomnode.logs import setup_logging
+from dicomnode.node import Node
+from dicomnode.runtime.monitor import full_status
+from dicomnode.runtime.service import Pipeline, run_worker
+from dicomnode.stages.dispatch import Outbox
+
+gc.freeze()
+if _gc_was_enabled:
+    gc.enable()
+
+# the database could not be reached or its URL used: `dicomnode db` exits 2, as for a bad setting
+UNREACHABLE = (OperationalError, InterfaceError, ArgumentError, NoSuchModuleError)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -26,24 +64,18 @@ def _settings(args: argparse.Namespace) -> Settings:
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     setup_logging(settings.log_level, settings.log_json)
-    from sqlalchemy.exc import SQLAlchemyError
-
-    from dicomnode.node import Node
-
     try:
         node = Node(settings)
-    except (ValueError, OSError, SQLAlchemyError) as exc:  # bad rules file, unwritable data_dir, unreachable index
+    except (ValueError, OSError, SQLAlchemyError, migrate.SchemaError) as exc:
+        # bad rules file, unwritable data_dir, unreachable index, an index at a schema this code does not know
         print(f"dicomnode: cannot start: {exc}", file=sys.stderr)
         return 2
-    node.serve_forever()
-    return 0
+    return node.serve_forever()
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
     settings = _settings(args)
     setup_logging(settings.log_level, settings.log_json)
-    from dicomnode.runtime.service import run_worker
-
     queues = [q.strip() for q in args.queues.split(",") if q.strip()]
     if not queues or any(q not in ("cpu", "gpu") for q in queues):
         print("dicomnode worker: --queues must be cpu, gpu or cpu,gpu", file=sys.stderr)
@@ -59,10 +91,6 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_retry(args: argparse.Namespace) -> int:
     """Operator action: failed (parked) pipeline steps and parked deliveries back into the queue."""
     settings = _settings(args)
-    from dicomnode.stages.dispatch import Outbox
-    from dicomnode.index.studies import Index
-    from dicomnode.runtime.service import Pipeline
-
     index = Index(settings.index_url)
     try:
         refs = Pipeline(settings, index).jobs.retry(args.version_id)
@@ -77,11 +105,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
-    from dicomnode.dicom.scu import Destination, echo
-
     if args.destinations:
-        from dicomnode.dicom.peer import echo_destinations
-
         settings = _settings(args)
         if not settings.destinations:
             print("no destinations configured")
@@ -104,8 +128,6 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    from dicomnode.dicom.scu import Destination, send
-
     try:
         dest = Destination.parse(args.to)
         results = send(args.paths, dest, calling_ae=args.calling, timeout_s=args.timeout)
@@ -121,14 +143,10 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from dicomnode.index.studies import Index
-
     settings = _settings(args)
     if settings.database_url is None and not (settings.data_path / "index.sqlite3").exists():
         doc: dict = {"schema": "dicomnode.status/1", "generated_at": None, "studies": []}
     else:
-        from dicomnode.runtime.monitor import full_status
-
         index = Index(settings.index_url)
         try:
             doc = full_status(index, settings)
@@ -173,8 +191,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_events(args: argparse.Namespace) -> int:
-    from dicomnode.index.studies import Index
-
     settings = _settings(args)
     index = Index(settings.index_url)
     try:
@@ -229,6 +245,60 @@ def cmd_demo(args: argparse.Namespace) -> int:
         settings = settings.replace(data_dir=str(workdir / "node-data"),
                                     checkpoints_dir=settings.checkpoints_dir or str(workdir / "checkpoints"))
     return run_demo(settings, workdir, without_t1ce=args.without_t1ce, quick=args.quick)
+
+
+def _db_where(settings: Settings) -> str:
+    """The index database for people: its URL without the password."""
+    try:
+        return make_url(settings.index_url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "database_url (not a valid SQLAlchemy URL)"
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    """``db upgrade`` / ``db current``: one line each; exit 2 when the database cannot be reached.
+
+    ``current`` exits 0 when the database is at this code's head revision and 1
+    otherwise (behind, empty, or written by a newer node), so a deployment
+    script can run ``dicomnode db current || dicomnode db upgrade``.
+    """
+    settings = _settings(args)
+    setup_logging("WARNING", settings.log_json)  # one line on stdout; alembic's own INFO lines are not wanted
+    where = _db_where(settings)
+    head = migrate.head_revision()
+    sqlite_file = settings.data_path / "index.sqlite3" if settings.database_url is None else None
+    if args.db_command == "current" and sqlite_file is not None and not sqlite_file.exists():
+        # asking must not create: SQLite would make an empty file at the path
+        print(f"index database {where}: does not exist yet (the node, or `{migrate.UPGRADE_COMMAND}`, creates it)")
+        return 1
+    try:
+        if args.db_command == "upgrade":
+            if sqlite_file is not None:
+                settings.data_path.mkdir(parents=True, exist_ok=True)
+            now = migrate.upgrade(settings.index_url)
+            print(f"index database {where}: at revision {now}" + (" (head)" if now == head else ""))
+            return 0
+        found = migrate.current_revision(settings.index_url)
+    except UNREACHABLE as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        print(f"dicomnode db {args.db_command}: cannot reach the index database {where}: {reason}", file=sys.stderr)
+        return 2
+    except migrate.SchemaError as exc:
+        print(f"dicomnode db {args.db_command}: {exc}", file=sys.stderr)
+        return 1
+    if found == head:
+        print(f"index database {where}: revision {found} (head)")
+        return 0
+    if found is None:
+        print(f"index database {where}: no schema revision (empty, or made by release 1); this dicomnode expects "
+              f"{head}: run `{migrate.UPGRADE_COMMAND}`")
+    elif found in migrate.known_revisions():
+        print(f"index database {where}: revision {found}, behind this dicomnode's {head}: "
+              f"run `{migrate.UPGRADE_COMMAND}`")
+    else:
+        print(f"index database {where}: revision {found}, unknown to this dicomnode (head {head}): "
+              f"a newer dicomnode upgraded it")
+    return 1
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -307,6 +377,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--quick", action="store_true",
                     help="smoke test: tiny demo models in seconds (they grade nothing meaningfully)")
     sp.set_defaults(func=cmd_demo)
+
+    sp = sub.add_parser("db", help="the index database's schema: upgrade it, or show its revision")
+    dbsub = sp.add_subparsers(dest="db_command", required=True)
+    dbsub.add_parser("upgrade", help="migrate the index database to this dicomnode's schema (back it up first)")
+    dbsub.add_parser("current", help="the index database's schema revision (exit 0 at head, 1 otherwise)")
+    sp.set_defaults(func=cmd_db)
 
     sp = sub.add_parser("config", help="print the effective settings")
     sp.set_defaults(func=cmd_config)

@@ -107,6 +107,10 @@ class Settings:
     broker_url: str = ""  # "": embedded (in-process transport); "redis://host:6379/0" for distributed
     serve_worker: str = "auto"  # queues the serve process consumes itself; auto = cpu,gpu embedded, none with a broker
     worker_concurrency: int = 1
+    # threads of torch's pools (intra- and inter-op; SimpleITK's too) per task slot of a worker process;
+    # 0 = auto: the cores this process may use // its task slots (see the README: several worker
+    # processes on one host must each be given their share, e.g. 1 for two workers on two cores)
+    torch_threads: int = 0
     checkpoints_dir: str | None = None  # None: data_dir/checkpoints
     checkpoint_pins: dict[str, str] = field(default_factory=dict)
     device: str = "auto"  # auto | cpu | cuda
@@ -343,6 +347,9 @@ def _validate(s: Settings) -> None:
     if not 0 < s.task_soft_time_limit_s < s.task_hard_time_limit_s < s.broker_visibility_timeout_s:
         raise SettingsError("need 0 < task_soft_time_limit_s < task_hard_time_limit_s < broker_visibility_timeout_s "
                             "(a task running past the visibility timeout is delivered twice)")
+    if s.torch_threads < 0:
+        raise SettingsError(f"torch_threads {s.torch_threads} must be 0 (auto: this host's cores // the worker's "
+                            f"task slots) or a positive number of threads per task slot")
     if s.max_deliveries < 1 or s.worker_concurrency < 1 or s.dispatch_max_attempts < 1:
         raise SettingsError("max_deliveries, worker_concurrency and dispatch_max_attempts must be at least 1")
     if not 0 < s.dispatch_retry_initial_s <= s.dispatch_retry_max_s:

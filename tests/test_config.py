@@ -114,3 +114,14 @@ def test_pipeline_mode_and_limits() -> None:
         Settings().replace(broker_url="amqp://guest@localhost//")
     with pytest.raises(SettingsError, match="serve_worker"):
         Settings().replace(serve_worker="tpu")
+
+
+def test_torch_threads_auto_by_default_a_count_from_file_or_env_and_never_negative(tmp_path: Path) -> None:
+    """0 = auto (the worker's share of the cores, decided where it runs); a positive count is used as given."""
+    assert Settings().torch_threads == 0
+    assert load_settings(write(tmp_path, "torch_threads = 2"), environ={}).torch_threads == 2
+    assert load_settings(None, environ={"DICOMNODE_TORCH_THREADS": "1"}).torch_threads == 1
+    with pytest.raises(SettingsError, match="torch_threads"):
+        load_settings(None, environ={"DICOMNODE_TORCH_THREADS": "-1"})
+    with pytest.raises(SettingsError, match="torch_threads"):
+        load_settings(write(tmp_path, 'torch_threads = "many"'), environ={})

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from celery import Celery
+from celery.worker import WorkController
 from kombu import Queue
 
 from dicomnode.config import Settings
@@ -43,7 +44,8 @@ def set_runner_factory(factory: Callable[[], Callable[[int, str], None]]) -> Non
         _runner_factory, _runner = factory, None
 
 
-def _get_runner() -> Callable[[int, str], None]:
+def get_runner() -> Callable[[int, str], None]:
+    """This process's step runner, built by the installed factory on first use (once, under a lock)."""
     global _runner
     with _runner_lock:
         if _runner is None:
@@ -85,13 +87,25 @@ def make_app(settings: Settings) -> Celery:
         # Exceptions are recorded in the index by the runner; a task that
         # raises is still acknowledged, so the runner never relies on Celery
         # retries: the index row and reconcile are the retry mechanism.
-        _get_runner()(int(version_id), str(stage))
+        get_runner()(int(version_id), str(stage))
 
     return app
 
 
 def send_step(app: Celery, version_id: int, stage: str) -> None:
     app.send_task(STEP_TASK, args=[version_id, stage], queue=QUEUE_OF[stage])
+
+
+class _ReadyController(WorkController):  # type: ignore[misc]
+    """A WorkController that says when its consumer is ready (Celery has no public hook for that in a thread)."""
+
+    def __init__(self, *args: Any, ready: threading.Event, **kwargs: Any) -> None:
+        self.ready_event = ready
+        super().__init__(*args, **kwargs)
+
+    def on_consumer_ready(self, consumer: Any) -> None:
+        super().on_consumer_ready(consumer)
+        self.ready_event.set()
 
 
 class EmbeddedWorker:
@@ -101,23 +115,19 @@ class EmbeddedWorker:
     (prefork) is not an option; time limits are therefore not enforced here
     (Celery enforces them only in prefork). Stop is cooperative: a running step
     finishes first.
+
+    Constructing and starting it is Celery's worker machinery at work
+    (bootsteps, consumer, pool, which Celery imports and builds then: about
+    0.2 s of CPU on a two-core host): the node does it after its port is open
+    (``Node.start``), never on the listener's path.
     """
 
     def __init__(self, app: Celery, queues: Sequence[str], concurrency: int = 1, name: str = "embedded") -> None:
-        from celery.worker import WorkController
-
-        ready = threading.Event()
-        self._ready = ready
-
-        class _Controller(WorkController):  # type: ignore[misc]
-            def on_consumer_ready(self, consumer: Any) -> None:
-                super().on_consumer_ready(consumer)
-                ready.set()
-
-        self.controller = _Controller(
+        self._ready = threading.Event()
+        self.controller = _ReadyController(
             app=app, hostname=f"{name}@{socket.gethostname()}", pool="threads", concurrency=concurrency,
             queues=list(queues), without_heartbeat=True, without_mingle=True, without_gossip=True,
-            loglevel="WARNING", ready_callback=None,
+            loglevel="WARNING", ready_callback=None, ready=self._ready,
         )
         self._thread = threading.Thread(target=self._run, name="celery-worker", daemon=True)
 

@@ -11,14 +11,16 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from celery import Celery
+from celery.signals import worker_process_init
 
 from dicomnode.config import Settings
 from dicomnode.index.studies import Index
 from dicomnode.index.jobs import Jobs
-from dicomnode.runtime.app import EmbeddedWorker, make_app, send_step, set_runner_factory
-from dicomnode.runtime.runner import Runtime
+from dicomnode.runtime.app import EmbeddedWorker, get_runner, make_app, send_step, set_runner_factory
+from dicomnode.runtime.runner import Runtime, threads_per_slot
 from dicomnode.stages import STAGE_NAMES as STAGES
 
 log = logging.getLogger(__name__)
@@ -70,18 +72,27 @@ class Pipeline:
 
     # -- running ----------------------------------------------------------------------------
 
-    def install_runner(self, queues: Sequence[str]) -> None:
-        """How this process runs steps (embedded mode shares the node's Index); the stages are warmed at once,
-        in the background, so the first study does not pay for imports and checkpoint validation."""
-        self.runtime = Runtime(self.settings, self.index, send=self.send, after_dispatch=self.after_dispatch)
-        self.runtime.warm_in_background(queues)
+    def install_runner(self) -> Runtime:
+        """How this process runs steps (embedded mode shares the node's Index and its connection pool)."""
+        threads = threads_per_slot(self.settings.torch_threads, self.settings.worker_concurrency)
+        self.runtime = Runtime(self.settings, self.index, send=self.send, after_dispatch=self.after_dispatch,
+                               threads=threads)
         set_runner_factory(lambda: self.runtime)
+        return self.runtime
 
     def start(self, queues: Sequence[str]) -> None:
+        """Start this process's worker (if it consumes queues), warm its stages, reconcile: after the port opened.
+
+        The worker first, so that what reconcile queues on the embedded
+        transport finds a consumer; the stages' warm-up (torch's import,
+        checkpoint validation) then runs in a thread of its own, so the first
+        study does not pay for it and nothing waits for it.
+        """
         if queues:
-            self.install_runner(queues)
+            runtime = self.install_runner()
             self.worker = EmbeddedWorker(self.app, queues, concurrency=self.settings.worker_concurrency)
             self.worker.start()
+            runtime.warm_in_background(queues)
             log.info("in-process worker consuming %s (%s)", ",".join(queues),
                      "embedded transport" if self.settings.embedded else "broker")
         self.reconcile(startup=True)
@@ -108,22 +119,45 @@ def run_worker(settings: Settings, queues: Sequence[str], *, concurrency: int | 
     """``dicomnode worker``: a Celery worker process for the given queues (distributed mode).
 
     Prefork by default: Celery enforces the soft and hard time limits and
-    requeues on worker loss only with it. Each child builds its own Runtime
-    (index connection, model cache) lazily after the fork, so the parent never
-    initialises CUDA.
+    requeues on worker loss only with it. Each process that runs tasks (each
+    prefork child, after its fork; the worker itself with ``solo``/``threads``)
+    builds its own Runtime (index connection, model cache) and warms its
+    stages in a background thread as soon as it starts, so the parent never
+    initialises CUDA and the first study does not pay for torch's import and
+    checkpoint validation. A thread, not the init itself: Celery gives a child
+    ``worker_proc_alive_timeout`` (4 s) to report that it is up.
+
+    torch's pools get this process's share of the cores (``torch_threads``,
+    auto = usable cores // task slots), applied in that same start-up.
     """
     if settings.embedded:
         raise ValueError("dicomnode worker needs broker_url (redis://...): embedded mode has no shared queue")
     app = make_app(settings)
+    slots = concurrency or settings.worker_concurrency
+    threads = threads_per_slot(settings.torch_threads, slots)
 
     def factory() -> Runtime:
         index = Index(settings.index_url)
-        rt = Runtime(settings, index, send=make_sender(app, index))
-        rt.warm(queues)  # in the child, after the fork: CUDA and checkpoints are initialised there, never in the parent
-        return rt
+        return Runtime(settings, index, send=make_sender(app, index), threads=threads)
+
+    def build_and_warm() -> None:
+        try:
+            runtime = get_runner()
+            if isinstance(runtime, Runtime):
+                runtime.warm(queues)
+        except Exception:
+            log.exception("preparing this worker process failed (its first step will try again)")
+
+    def start_process(**_: Any) -> None:
+        threading.Thread(target=build_and_warm, name="warm-stages", daemon=True).start()
 
     set_runner_factory(factory)
-    argv = ["worker", "--queues", ",".join(queues), "--concurrency", str(concurrency or settings.worker_concurrency),
+    if pool == "prefork":
+        worker_process_init.connect(start_process, weak=False)
+    else:
+        start_process()
+    log.info("worker for %s: %d task slot(s), %d torch thread(s) each", ",".join(queues), slots, threads)
+    argv = ["worker", "--queues", ",".join(queues), "--concurrency", str(slots),
             "--pool", pool, "--without-gossip", "--without-mingle", "--without-heartbeat",
             "--loglevel", settings.log_level, "--hostname", f"{'-'.join(queues)}-%h-{int(time.time())}"]
     app.worker_main(argv=argv)
