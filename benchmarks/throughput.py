@@ -28,7 +28,9 @@ Threads: with one worker process on this host, torch's pools keep the auto
 size (usable cores // task slots); with two, each gets ``torch_threads`` =
 cores // 2, as the settings reference says a host running several worker
 processes must (auto cannot see the other process). ``--oversubscribed`` adds
-a run of two workers left on auto, to show what that costs.
+a run of two workers left on auto, to show what that costs;
+``--one-thread-baseline`` a run of one worker with one thread, to separate
+the process scaling from the thread sizing.
 
 Checkpoints: the tiny real checkpoints of the test suite by default
 (tests/checkpoints.py: built in seconds, kept in ``--checkpoints``); the input
@@ -337,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=2,
                     help="rounds of 1 worker / 2 workers, alternating (medians; other load on the host drifts)")
     ap.add_argument("--oversubscribed", action="store_true", help="also two workers with torch_threads on auto")
+    ap.add_argument("--one-thread-baseline", action="store_true",
+                    help="also one worker with torch_threads = 1 in each round: the process scaling alone")
     ap.add_argument("--skip-embedded", action="store_true")
     ap.add_argument("--timeout", type=float, default=1800.0, help="per mode, for all studies")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
@@ -377,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
         plan: list[tuple[str, int, int | None]] = []
         for _ in range(args.rounds):
             plan += [("1 worker", 1, None), ("2 workers", 2, max(1, cores // 2))]
+            if args.one_thread_baseline:
+                plan.append(("1 worker, 1 thread", 1, 1))
         if args.oversubscribed:
             plan.append(("2 workers, auto threads", 2, None))
         if not args.skip_embedded:
@@ -412,6 +418,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{statistics.median(r.cpu_per_study for r in rs):.2f} CPU s per study in the workers)")
     if "1 worker" in med and "2 workers" in med:
         print(f"ratio 2 workers / 1 worker: {med['2 workers'] / med['1 worker']:.2f}x (target >= {TARGET_RATIO})")
+    if "1 worker, 1 thread" in med and "2 workers" in med:
+        print(f"ratio 2 workers / 1 worker with the same torch threads (1): "
+              f"{med['2 workers'] / med['1 worker, 1 thread']:.2f}x")
     if "2 workers, auto threads" in med and "1 worker" in med:
         print(f"ratio 2 workers on auto threads / 1 worker: {med['2 workers, auto threads'] / med['1 worker']:.2f}x")
     if "embedded" in med and "1 worker" in med:
