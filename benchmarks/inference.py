@@ -3,7 +3,7 @@
     python benchmarks/inference.py [--family all|fs3dcnn|promptnet|crossmodal|mmdlm] [--repeats N]
                                    [--threads 2] [--variants fp32 predict bf16 channels_last compile onnx]
                                    [--max-pass-s 120] [--json out.json] [--markdown] [--quick]
-                                   [--render out.json]
+                                   [--render out.json ...]
 
 Every family is built at its paper-size DEFAULT hyper-parameters (random weights, seed 0) and fed
 one random input of the default size at batch 1 (speed does not depend on the values; the
@@ -318,7 +318,7 @@ def worker(name: str, args: argparse.Namespace) -> dict[str, Any]:
         try:
             with time_limit(limit):
                 out = run()
-        except PassTimeout as exc:
+        except PassTimeout:
             elapsed = time.perf_counter() - t0
             row["error"] = (f"first call stopped after {elapsed:.0f} s (limit {limit:.0f} s)" if v == "compile" else
                             f"stopped: > {elapsed:.0f} s per pass (limit {limit:.0f} s)")
@@ -350,7 +350,35 @@ def worker(name: str, args: argparse.Namespace) -> dict[str, Any]:
             row["note"] = (row.get("note", "") + f"; 1 pass only (>{args.slow_factor:g}x fp32)").lstrip("; ")
             del runners[v]
 
+    def result(rounds: int) -> dict[str, Any]:
+        """The JSON-able result after ``rounds`` timed rounds (also written to --partial-json per round)."""
+        for v, row in rows.items():
+            if row.get("times"):
+                row["median_s"] = statistics.median(row["times"])
+                row["min_s"] = min(row["times"])
+            if row.get("cpu_times"):
+                row["cpu_s"] = statistics.median(row["cpu_times"])
+            if v == "compile" and "first_s" in row and "median_s" in row:
+                row["compile_s"] = max(0.0, row["first_s"] - row["median_s"])
+        base = rows.get("fp32", {}).get("median_s")
+        for row in rows.values():
+            if base and "median_s" in row:
+                row["ratio"] = row["median_s"] / base
+        return {
+            "family": name, "quick": args.quick, "input_shape": list(shape), "params": params,
+            "spec_shape": None if spec_shape is None else list(spec_shape), "threads": torch.get_num_threads(),
+            "interop_threads": torch.get_num_interop_threads(), "torch": torch.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "device_name": _cpu_name(),
+            "loadavg": os.getloadavg()[0], "repeats": rounds, "peak_rss_mib": _peak_rss_mib(),
+            "rows": copy.deepcopy(list(rows.values())),
+        }
+
+    def save_partial(rounds: int) -> None:
+        if args.partial_json:
+            Path(args.partial_json).write_text(json.dumps(result(rounds)))
+
     # ---- timed rounds, interleaved, order rotated per round
+    save_partial(0)
     order = list(runners)
     for r in range(args.repeats):
         k = r % max(1, len(order))
@@ -362,27 +390,18 @@ def worker(name: str, args: argparse.Namespace) -> dict[str, Any]:
             rows[v].setdefault("times", []).append(time.perf_counter() - t0)
             rows[v].setdefault("cpu_times", []).append(time.process_time() - c0)
         log(f"round {r + 1}/{args.repeats}: " + ", ".join(
-            f"{v} {rows[v]['times'][-1]:.2f}s" for v in order if v in runners and rows[v].get("times")))
+            f"{v} {rows[v]['times'][-1]:.2f}s" for v in order if v in runners and rows[v].get("times"))
+            + f" (peak RSS {_peak_rss_mib():.0f} MiB)")
+        save_partial(r + 1)
 
-    for v, row in rows.items():
-        if row.get("times"):
-            row["median_s"] = statistics.median(row["times"])
-            row["min_s"] = min(row["times"])
-        if row.get("cpu_times"):
-            row["cpu_s"] = statistics.median(row["cpu_times"])
-        if v == "compile" and "first_s" in row and "median_s" in row:
-            row["compile_s"] = max(0.0, row["first_s"] - row["median_s"])
-    base = rows.get("fp32", {}).get("median_s")
-    for row in rows.values():
-        if base and "median_s" in row:
-            row["ratio"] = row["median_s"] / base
-    return {
-        "family": name, "quick": args.quick, "input_shape": list(shape), "params": params,
-        "spec_shape": None if spec_shape is None else list(spec_shape), "threads": torch.get_num_threads(),
-        "interop_threads": torch.get_num_interop_threads(), "torch": torch.__version__,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "device_name": _cpu_name(),
-        "loadavg": os.getloadavg()[0], "repeats": args.repeats, "rows": list(rows.values()),
-    }
+    return result(rounds=args.repeats)
+
+
+def _peak_rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def build_onnx(probs_mod: Any, pos: tuple[Any, ...], args: argparse.Namespace, row: dict[str, Any],
@@ -462,6 +481,12 @@ def run_family(name: str, args: argparse.Namespace) -> dict[str, Any]:
            "--variants", *args.variants]
     cmd += [flag for flag, on in (("--quick", args.quick), ("--verbose", args.verbose),
                                   ("--force-bf16", args.force_bf16)) if on]
+    # What the worker measured so far, after every round: kept if it (or this process) dies; next to
+    # --json when given, so that a run killed from outside still leaves its rounds on disk.
+    partial = (args.json.with_name(f"{args.json.name}.{name}.partial") if args.json
+               else Path(tempfile.gettempdir()) / f"bench-inference-{os.getpid()}-{name}.partial")
+    partial.unlink(missing_ok=True)
+    cmd += ["--partial-json", str(partial)]
     env = dict(os.environ)
     with tempfile.TemporaryDirectory(prefix="bench-inductor-") as cache:
         if not args.warm_inductor_cache:  # the compile time a freshly deployed node pays
@@ -469,12 +494,19 @@ def run_family(name: str, args: argparse.Namespace) -> dict[str, Any]:
         try:
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, timeout=args.timeout,
                                   cwd=REPO, env=env)
+            why = f"worker exited {proc.returncode}"
+            lines = proc.stdout.strip().splitlines()
         except subprocess.TimeoutExpired:
-            return {"family": name, "error": f"worker ran past --timeout {args.timeout:.0f} s", "rows": []}
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        return {"family": name, "error": f"worker exited {proc.returncode}", "rows": []}
-    return json.loads(lines[-1])
+            why, lines = f"worker ran past --timeout {args.timeout:.0f} s", []
+    if lines and why.endswith(" 0"):
+        partial.unlink(missing_ok=True)
+        return json.loads(lines[-1])
+    if partial.exists():  # keep what it measured, and say the rounds are fewer than asked
+        res = json.loads(partial.read_text())
+        res["error"] = f"{why} after {res['repeats']} of {args.repeats} rounds"
+        partial.unlink(missing_ok=True)
+        return res
+    return {"family": name, "error": why, "rows": []}
 
 
 def _s(x: float | None) -> str:
@@ -494,7 +526,8 @@ def table(results: list[dict[str, Any]], markdown: bool = False) -> str:
             if r.get("error"):
                 note = f"FAILED: {r['error']}" + (f" [{note}]" if note else "")
             if r["variant"] == "compile" and "compile_s" in r:
-                note = f"compile {r['compile_s']:.0f} s (first call {r['first_s']:.0f} s)" + (f"; {note}" if note else "")
+                note = (f"compile {r['compile_s']:.0f} s (first call {r['first_s']:.0f} s)"
+                        + (f"; {note}" if note else ""))
             med = r.get("median_s")
             if med is None and r.get("lower_bound_s"):
                 med_s = f"> {r['lower_bound_s']:.0f} s"
@@ -539,9 +572,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     ap.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
     ap.add_argument("--verbose", action="store_true", help="tracebacks of failed variants on stderr")
-    ap.add_argument("--render", type=Path, default=None, metavar="JSON",
-                    help="measure nothing: print the tables of an earlier --json file")
+    ap.add_argument("--render", type=Path, nargs="+", default=None, metavar="JSON",
+                    help="measure nothing: print the tables of earlier --json files (concatenated)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--partial-json", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.threads < 1 or args.repeats < 1:
         ap.error("--threads and --repeats must be >= 1")
@@ -554,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     if args.render:
-        results = json.loads(args.render.read_text())
+        results = [res for path in args.render for res in json.loads(path.read_text())]
         report(results, args)
         return 0
 
@@ -573,6 +607,8 @@ def main(argv: list[str] | None = None) -> int:
         res = run_family(name, args)
         results.append(res)
         print(table([res]), flush=True)
+        if args.json:  # after every family: a run cut short keeps what it measured
+            args.json.write_text(json.dumps(results, indent=2))
     print()
     report(results, args)
     if args.json:
@@ -583,7 +619,7 @@ def main(argv: list[str] | None = None) -> int:
 def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
     """The whole table, the conditions it was measured under, and (``--markdown``) the Markdown table."""
     print(table(results))
-    ok = [r for r in results if not r.get("error")]
+    ok = [r for r in results if r.get("rows")]  # a worker that died keeps the rounds it finished
     if ok:
         r0 = ok[0]
         print(f"\ncpu: {r0['device_name']} (torch capability {r0['cpu_capability']}), torch {r0['torch']}, "
