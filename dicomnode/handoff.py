@@ -232,11 +232,16 @@ class VersionResult:
     timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
     declined: list[Declined] = field(default_factory=list)  # models the gate did not let grade, with the reasons
     gate_loosened: str | None = None  # one sentence when the node's gate settings are looser than the defaults
+    # a stored instance of the study to copy patient and study attributes from when no input series
+    # was usable (a study the node cannot read still gets its cannot-grade SR, placed in that study)
+    source_example: str | None = None
 
     def __post_init__(self) -> None:
         _require(set(self.available_roles) <= set(ROLES), f"unknown available roles {self.available_roles}")
         _require(sorted(self.missing_roles) == sorted(r for r in ROLES if r not in self.available_roles),
                  f"missing roles {self.missing_roles} are not the complement of {self.available_roles}")
+        _require(bool(self.inputs) or self.source_example is not None or bool(self.results),
+                 "a version without input series needs a source example for its report's patient and study")
         _require((self.cannot_grade is None) == bool(self.results),
                  "a version either has model results or says why it cannot be graded, never both or neither")
         graded = {r.family for r in self.results}

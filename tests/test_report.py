@@ -523,7 +523,7 @@ def test_warm_builds_in_memory_and_changes_no_output(mmdlm_result, tmp_path, mon
     with caplog.at_level(logging.INFO, logger="dicomnode"):
         thread = threading.Thread(target=warm, args=(None,))  # as the runtime calls it
         thread.start()
-        thread.join(timeout=120)
+        thread.join(timeout=600)
     assert not thread.is_alive()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["before"]
     assert not [r for r in caplog.records if r.levelno >= logging.INFO]
@@ -755,3 +755,24 @@ def test_no_phi_in_logs_at_info(mmdlm_result, tmp_path, caplog):
     assert info, "the report stage should say what it did"
     for msg in info:
         assert PATIENT_ID not in msg and "SYNTHETIC" not in msg and mmdlm_result.study_instance_uid not in msg
+
+
+def test_cannot_grade_sr_of_a_study_with_no_usable_series(cannot_grade_result, study, tmp_path):
+    """A study the node could not read at all (no series identified or converted) still gets its SR, in its study.
+
+    A fuzzed study once failed the report step here: the result listed no
+    input series to copy patient and study attributes from.
+    """
+    example = str(inputs_of(study, ["T2"])[0].example_file)
+    result = dataclasses.replace(cannot_grade_result, inputs=[], available_roles=[],
+                                 missing_roles=["T1", "T1CE", "T2", "FLAIR"], source_example=example,
+                                 cannot_grade="No model could grade this study. No series could be used.")
+    paths = write_reports(result, tmp_path, algorithm_version=VERSION, when=WHEN)
+    for p in paths:
+        assert_valid(p)
+    sr = pydicom.dcmread(paths[0])
+    assert str(sr.StudyInstanceUID) == study.study_instance_uid
+    assert str(sr.PatientName) == PATIENT_NAME and sr.PatientID == PATIENT_ID
+    assert "No series could be used." in dsrdump(paths[0])
+    with pytest.raises(ValueError, match="source example"):
+        dataclasses.replace(result, source_example=None)

@@ -35,6 +35,8 @@ CANNOT_UNDERSTAND = 0xC210  # permanent: the dataset does not parse
 MISSING_OR_INVALID_UID = 0xC212  # permanent: a required UID is absent or not a UID
 COMMAND_DATASET_MISMATCH = 0xC213  # permanent: SOP Instance UID differs from the C-STORE request's
 PIXEL_DATA_TRUNCATED = 0xC214  # permanent: the dataset ends before its declared contents
+SERIES_IN_OTHER_STUDY = 0xC215  # permanent: the series UID is already held under another study
+TRANSFER_SYNTAX_MISMATCH = 0xC216  # permanent: the data set is not encoded in its negotiated transfer syntax
 
 CANCELLED = 0xFE00
 # Storage-specific warnings (PS3.4 B.2.3): the peer kept the object.

@@ -42,6 +42,21 @@ _BUMP_VERSION = (
 )
 
 
+class UidConflict(ValueError):
+    """An instance whose series UID the index already holds under another study.
+
+    Permanent: a series belongs to one study (PS3.3 C.7.3.1), so the same
+    bytes can never be stored; the listener answers a 0xCxxx status rather
+    than 0xA700, which a PACS would retry forever. Carries index ids only
+    (never UIDs) for the event log.
+    """
+
+    def __init__(self, held_by: int, arriving: int) -> None:
+        super().__init__("series already belongs to another study")
+        self.held_by = held_by
+        self.arriving = arriving
+
+
 @dataclass(frozen=True)
 class InstanceMeta:
     """What the listener extracted from a received dataset's header."""
@@ -274,7 +289,7 @@ class Index:
             else:
                 series_id, series_study = cached
             if series_study != study_id:
-                raise ValueError("series already belongs to another study")
+                raise UidConflict(series_study, study_id)
             version = self._open_version(c, study_id, now)
             c.execute(
                 _INSERT_INSTANCE,

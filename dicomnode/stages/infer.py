@@ -427,6 +427,12 @@ def _input_series(ctx: StageContext, info: VersionInfo, converted: Mapping[str, 
     return out
 
 
+def _source_example(ctx: StageContext, info: VersionInfo) -> str | None:
+    """Any stored instance of the version: the header a cannot-grade report of an unreadable study copies."""
+    files = ctx.index.version_files(info.study_id, info.version)
+    return str(ctx.settings.data_path / files[0].path) if files else None
+
+
 def _declined(run: PreparedRun, info_ck: CheckpointInfo, reasons: list[Any], stage: str,
               flags: list[str]) -> Declined:
     family = resolve_family(info_ck.family)
@@ -491,13 +497,15 @@ def run(ctx: StageContext, info: VersionInfo) -> dict[str, Any]:
         reasons += [d.reason for d in plan.decisions if not d.runs] + conversion_errors + flags
         cannot = ("No model could grade this study. " + " ".join(reasons)).strip()
     loosened = (loosened_text(gs, floor) or plan.gate_loosened) if gated else None
+    inputs = _input_series(ctx, info, converted)
     result = VersionResult(
         study_instance_uid=info.study_instance_uid, study_id=info.study_id, version=info.version,
-        inputs=_input_series(ctx, info, converted), available_roles=available,
+        inputs=inputs, available_roles=available,
         missing_roles=[r for r in ROLES if r not in available], decisions=list(plan.decisions), results=results,
         cannot_grade=cannot,
         quality_flags=conversion_errors + flags + sorted({f for r in plan.runs for f in r.flags}),
         declined=declined, gate_loosened=loosened or None,
+        source_example=None if inputs else _source_example(ctx, info),
     )
     result.save(wd / "result.json")
     return {"models": [r.family for r in results], "cannot_grade": cannot,

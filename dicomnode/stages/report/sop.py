@@ -83,16 +83,17 @@ def read_example(result: VersionResult) -> Dataset:
     Refuses an example from another study: copying another patient's
     attributes into this study would be the worst possible report error.
     """
-    if not result.inputs:
+    candidates = [s.example_file for s in result.inputs] + ([result.source_example] if result.source_example else [])
+    if not candidates:
         raise ValueError("an SR must be placed in the source study, but the result lists no input series "
-                         "to copy patient and study attributes from")
-    for series in result.inputs:
-        path = Path(series.example_file)
+                         "and no source example to copy patient and study attributes from")
+    for example in candidates:
+        path = Path(example)
         if not path.is_file():
             continue
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         if str(ds.StudyInstanceUID) != result.study_instance_uid:
-            raise ValueError(f"example file of the {series.role} series belongs to another study")
+            raise ValueError(f"example file {path.name} belongs to another study")
         return ds
     raise FileNotFoundError("none of the input series' example files exists")
 
