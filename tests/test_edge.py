@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import shutil
+import sqlite3
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +31,10 @@ from pynetdicom.dimse_messages import C_STORE_RQ
 from conftest import need
 from nodeutil import MR, NodeProcess, associate, mr_dataset, store, wait_until
 
+from dicomnode.assemble.completion import Assembler
+from dicomnode.config import Settings
+from dicomnode.index.studies import Index
+from dicomnode.spool import Spool
 from dicomnode.dicom.status import (
     MISSING_OR_INVALID_UID,
     OUT_OF_RESOURCES,
@@ -220,3 +226,36 @@ def test_disk_filling_mid_stream_answers_a700_and_leaves_nothing(small_disk: Pat
     finally:
         node.stop()
 
+
+
+def test_a_failing_assembly_pass_backs_off_with_one_traceback(tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """An index that fails every pass (a full disk said "database or disk is full" 71 times) logs one traceback.
+
+    The repeats are one line each with their count, at growing intervals, and
+    the recovery is logged once.
+    """
+    db = tmp_path / "index.db"
+    settings = Settings(data_dir=str(tmp_path / "data"), database_url=f"sqlite:///{db}", assembly_poll_s=0.05)
+    index = Index(settings.database_url or "")
+    with sqlite3.connect(db) as c:  # the table every pass reads is gone: each pass fails for real
+        c.execute("ALTER TABLE study_versions RENAME TO study_versions_away")
+    assembler = Assembler(settings, index, Spool(settings.data_path))
+    caplog.set_level(logging.INFO, logger="dicomnode.assemble.completion")
+    assembler.start()
+    try:
+        wait_until(lambda: sum("failed again" in r.getMessage() for r in caplog.records) >= 3, timeout=120,
+                   what="three repeated failures")
+        with sqlite3.connect(db) as c:
+            c.execute("ALTER TABLE study_versions_away RENAME TO study_versions")
+        wait_until(lambda: any("work again" in r.getMessage() for r in caplog.records), timeout=180,
+                   what="recovery logged")
+    finally:
+        assembler.stop()
+        index.close()
+    mine = [r for r in caplog.records if r.name == "dicomnode.assemble.completion"]
+    assert sum(r.exc_info is not None for r in mine) == 1
+    repeats = [r.getMessage() for r in mine if "failed again" in r.getMessage()]
+    assert repeats[0] == "assembly pass failed again (2 in a row): OperationalError"
+    # backing off: at a 0.05 s poll, unthrottled passes would have logged hundreds of lines by now
+    assert len(repeats) < 20
