@@ -60,6 +60,9 @@ class ClientTLS:
         return bool(self.ca_file or self.cert_file)
 
 
+CONFIRM_CHOICES = ("commitment", "find", "none")  # DestinationSettings.confirm
+
+
 @dataclass(frozen=True)
 class DestinationSettings:
     """A PACS the node sends its reports to (C-STORE SCU)."""
@@ -68,6 +71,18 @@ class DestinationSettings:
     host: str
     port: int
     tls: ClientTLS = field(default_factory=ClientTLS)
+    # How a C-STORE Success is confirmed (docs/dispatch.md, "Confirmed delivery"): "commitment" (Storage
+    # Commitment Push Model: the PACS takes responsibility; it must know the node as a modality and be able
+    # to connect back to our listener), "find" (a C-FIND for each SOP Instance UID: found means kept) or
+    # "none" (today's fire-and-forget). Default "find": nearly every PACS is a Query/Retrieve SCP, it needs
+    # no inbound connection to the node, and a PACS that refuses it costs only an "unconfirmed" mark, never
+    # a delivery; commitment is the stronger promise where the PACS offers it.
+    confirm: str = "find"
+    # first confirmation this long after the C-STORE: PACSs that index asynchronously would otherwise answer
+    # "not found" for an object they are still filing, and the node would send it again for nothing
+    confirm_after_s: float = 10.0
+    # no N-EVENT-REPORT this long after the PACS accepted the N-ACTION: ask again (a new transaction)
+    confirm_timeout_s: float = 120.0
 
     @property
     def name(self) -> str:
@@ -89,11 +104,15 @@ class Settings:
     database_url: str | None = None  # None: SQLite file under data_dir
     allowed_peers: tuple[Peer, ...] = ()
     require_called_ae: bool = True
-    max_associations: int = 16
+    # slots, timeouts and memory of the listener (docs/receive.md "Slots, timeouts and memory"):
+    max_associations: int = 64  # associations past their A-ASSOCIATE-RQ; 16 stalled peers must not fill it
+    max_associations_per_peer: int = 8  # per calling AE title + address: one peer cannot take every slot
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0
     network_timeout_s: float = 120.0
-    max_pdu: int = 0  # 0: unlimited, the fastest on loopback and LAN
+    artim_timeout_s: float = 5.0  # listener: connected (or TLS handshake) without an A-ASSOCIATE-RQ yet
+    stall_timeout_s: float = 30.0  # listener: a DIMSE message (data set) begun and no byte from the peer for this long
+    max_pdu: int = 1048576  # the PDU we advertise and accept; longer ones abort the association. 0: unlimited
     tls: TLSSettings = field(default_factory=TLSSettings)
     min_free_disk_mb: int = 1024
     fsync: bool = True
@@ -303,14 +322,18 @@ def _destination(value: Any) -> DestinationSettings:
             raise TypeError(f"destination {value!r} is not AET@host:port")
         return DestinationSettings(aet.strip(), host.strip(), int(port))
     if isinstance(value, Mapping):
-        unknown = set(value) - {"ae_title", "host", "port", "tls"}
+        unknown = set(value) - {"ae_title", "host", "port", "tls", "confirm", "confirm_after_s", "confirm_timeout_s"}
         if unknown:
             raise TypeError(f"destination has unknown key(s) {sorted(unknown)}")
         tls = value.get("tls") or {}
         if not isinstance(tls, Mapping):
             raise TypeError("destination tls must be a table")
+        confirm = value.get("confirm", DestinationSettings.confirm)
+        if not isinstance(confirm, str):
+            raise TypeError(f"destination confirm must be one of {', '.join(CONFIRM_CHOICES)}, got {confirm!r}")
+        timing = {k: float(value[k]) for k in ("confirm_after_s", "confirm_timeout_s") if k in value}
         return DestinationSettings(str(value["ae_title"]).strip(), str(value["host"]).strip(), int(value["port"]),
-                                   ClientTLS(**dict(tls)))
+                                   ClientTLS(**dict(tls)), confirm=confirm.strip().lower(), **timing)
     raise TypeError(f"destinations entry must be a table or AET@host:port, got {value!r}")
 
 
@@ -323,6 +346,14 @@ def _validate(s: Settings) -> None:
         raise SettingsError(f"port {s.port} out of range")
     if s.max_associations < 1:
         raise SettingsError("max_associations must be at least 1")
+    if s.max_associations_per_peer < 1:
+        raise SettingsError("max_associations_per_peer must be at least 1")
+    if not (0 < s.artim_timeout_s < float("inf") and 0 < s.stall_timeout_s <= s.network_timeout_s):
+        raise SettingsError("need artim_timeout_s > 0 and 0 < stall_timeout_s <= network_timeout_s (a stall "
+                            "mid-dataset is cut before the general idle timeout)")
+    if s.max_pdu != 0 and not 4096 <= s.max_pdu <= 0xFFFFFFFF:
+        raise SettingsError(f"max_pdu {s.max_pdu} must be 0 (unlimited: a peer may make the node buffer "
+                            f"gigabytes) or from 4096 to 4294967295 bytes")
     if s.quiet_period_s <= 0:
         raise SettingsError("quiet_period_s must be positive")
     if s.release_quiet_s is not None and not 0 <= s.release_quiet_s <= s.quiet_period_s:
@@ -338,6 +369,11 @@ def _validate(s: Settings) -> None:
             raise SettingsError(f"destination AE title {d.ae_title!r}: 1-16 characters, no backslash")
         if not 0 < d.port < 65536:
             raise SettingsError(f"destination {d.name}: port out of range")
+        if d.confirm not in CONFIRM_CHOICES:
+            raise SettingsError(f"destination {d.name}: confirm {d.confirm!r} is not one of "
+                                f"{', '.join(CONFIRM_CHOICES)}")
+        if d.confirm_after_s < 0 or d.confirm_timeout_s <= 0:
+            raise SettingsError(f"destination {d.name}: confirm_after_s must be >= 0 and confirm_timeout_s positive")
     if s.serve_worker not in SERVE_WORKER_CHOICES:
         raise SettingsError(f"serve_worker {s.serve_worker!r} is not one of {', '.join(SERVE_WORKER_CHOICES)}")
     if s.broker_url and not s.broker_url.startswith(("redis://", "rediss://", "memory://")):

@@ -40,7 +40,8 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from dicomnode.config import Peer, Settings
-from dicomnode.dicom.shim import configure, start_server
+from dicomnode.dicom.commit import add_commitment_context, commitment_handlers
+from dicomnode.dicom.shim import ConnectionLimits, configure, set_limits, start_server
 from dicomnode.dicom.sop import GRADABLE_SOP_CLASSES, SENT_SOP_CLASSES, VERIFICATION
 from dicomnode.dicom.status import (
     CANNOT_UNDERSTAND,
@@ -49,9 +50,12 @@ from dicomnode.dicom.status import (
     MISSING_OR_INVALID_UID,
     OUT_OF_RESOURCES,
     PIXEL_DATA_TRUNCATED,
+    SERIES_IN_OTHER_STUDY,
     SUCCESS,
+    TRANSFER_SYNTAX_MISMATCH,
 )
-from dicomnode.index.studies import Index, InstanceMeta, StoreOutcome
+from dicomnode.dicom.stream import ReceiveGuard, attach, guard_of
+from dicomnode.index.studies import Index, InstanceMeta, StoreOutcome, UidConflict
 from dicomnode.logs import uid_tag
 from dicomnode.spool import Spool
 
@@ -104,6 +108,7 @@ def inspect_received(path: Path, command_sop_class: str, command_sop_instance: s
         description = ds.get("SeriesDescription")  # LO: the dataset's character set applies
     except Exception as exc:  # pydicom raises many types on garbage; none may reach pynetdicom
         raise Refused(CANNOT_UNDERSTAND, f"unreadable dataset: {type(exc).__name__}") from exc
+    _check_encoding(ds, transfer_syntax)
     if end != size:
         # The parse must end exactly at the end of the file. Short: pydicom
         # dropped an undefined-length element it found no end of (encapsulated
@@ -166,6 +171,32 @@ def _read_received(fh: BinaryIO, transfer_syntax: str) -> Dataset:
         return dcmread(fh, defer_size=4096)
     fh.seek(144 + int.from_bytes(head[140:144], "little"))
     return read_dataset(fh, syntax.is_implicit_VR, syntax.is_little_endian, defer_size=4096)
+
+
+def _check_encoding(ds: Dataset, transfer_syntax: str) -> None:
+    """Refuse a data set that is not encoded in the transfer syntax it was sent under.
+
+    pydicom reads such a data set anyway: it looks at the first element and
+    silently switches between implicit and explicit VR. The listener would
+    then acknowledge an object that every later reader, told the file's
+    transfer syntax, misreads (the fuzzed study that failed its report step).
+    Only the top-level encoding is compared: an implicit-VR sequence inside
+    an explicit-VR data set is a known writer quirk pydicom reads correctly.
+    """
+    try:
+        syntax = UID(transfer_syntax)
+        expected = (syntax.is_implicit_VR, syntax.is_little_endian)
+    except ValueError:  # not a transfer syntax pydicom knows: nothing to compare against
+        return
+    found = ds.original_encoding
+    if found[0] is None or tuple(found) == expected:
+        return
+    raise Refused(TRANSFER_SYNTAX_MISMATCH,
+                  f"encoded {_encoding(*found)}, transfer syntax says {_encoding(*expected)}")
+
+
+def _encoding(implicit: bool | None, little: bool | None) -> str:
+    return f"{'implicit' if implicit else 'explicit'} VR {'LE' if little else 'BE'}"
 
 
 def _ascii(ds: Dataset, tag: int) -> str | None:
@@ -247,9 +278,14 @@ class StorageSCP:
         self.server: Any = None
 
     def build_ae(self) -> AE:
+        """The listening AE. Slots are counted by ``_on_requested`` (only associations past their
+        A-ASSOCIATE-RQ, per peer and in total); pynetdicom's own count, which includes every connection
+        still waiting to send its request, is switched off by an unreachable maximum."""
         s = self.settings
         ae = AE(ae_title=s.ae_title)
-        ae.maximum_associations = s.max_associations
+        ae.maximum_associations = 1 << 30
+        self._slots = _Slots(s.max_associations, s.max_associations_per_peer)
+        set_limits(ae, ConnectionLimits(s.artim_timeout_s, s.stall_timeout_s, self._operator_event))
         ae.acse_timeout = s.acse_timeout_s
         ae.dimse_timeout = s.dimse_timeout_s
         ae.network_timeout = s.network_timeout_s
@@ -258,6 +294,7 @@ class StorageSCP:
         ae.add_supported_context(VERIFICATION)
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, PREFERRED_TRANSFER_SYNTAXES)
+        add_commitment_context(ae)  # storage commitment reports a PACS sends on a new association
         return ae
 
     def _ssl_context(self) -> ssl.SSLContext | None:
@@ -285,11 +322,13 @@ class StorageSCP:
                         "set allowed_peers before connecting a production PACS")
         handlers = [
             (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_REQUESTED, self._attach_guard),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_ABORTED, self._on_ended),
             (evt.EVT_CONN_CLOSE, self._on_ended),
+            *commitment_handlers(self.index, s),  # storage commitment reports on new associations
         ]
         self.server = start_server(self.build_ae(), (s.host, s.port), handlers, self._ssl_context())
         log.info("listening as %s on %s:%d (TLS %s)", s.ae_title, s.host, self.port, "on" if s.tls.enabled else "off")
@@ -322,6 +361,13 @@ class StorageSCP:
                                  f"calling AE {calling!r} from {address} is not in allowed_peers")
             _reject(assoc, 0x03)
             return
+        refusal = self._slots.admit(assoc, (calling, address))
+        if refusal:
+            self._operator_event("association_rejected",
+                                 f"{refusal}: A-ASSOCIATE-RJ transient, local limit exceeded; "
+                                 f"calling AE {calling!r} from {address}")
+            _reject(assoc, 0x02, result=0x02, source=0x03)
+            return
         log.debug("association requested by %r from %s", calling, address)
 
     def _operator_event(self, kind: str, message: str) -> None:
@@ -335,13 +381,28 @@ class StorageSCP:
     def _on_echo(self, event: Any) -> int:
         return SUCCESS
 
+    def _attach_guard(self, event: Any) -> None:
+        """Give the association its stream guard before it is accepted (dicom/stream.py says why)."""
+        assoc = event.assoc
+        calling = str(assoc.requestor.primitive.calling_ae_title).strip()
+        address = assoc.requestor.address
+
+        def refused(status: int, why: str) -> None:
+            self._refuse(status, why, why, calling, address)
+
+        attach(assoc, ReceiveGuard(self.settings.min_free_disk_mb * 1024 * 1024, self.spool.free_bytes, refused))
+
     def _on_store(self, event: Any) -> Any:
         req = event.request
         tmp = Path(event.dataset_path)
         assoc = event.assoc
         calling = str(assoc.requestor.ae_title).strip()
         address = assoc.requestor.address
+        guard = guard_of(assoc)
+        failed = guard.claim(tmp) if guard is not None else None
         try:
+            if failed is not None:  # the stream could not be written (dicom/stream.py): nothing to inspect
+                return self._refuse(OUT_OF_RESOURCES, failed, failed, calling, address)
             return self._store(event, req, tmp, calling, address)
         finally:
             # Whatever happened, no half-written or refused file stays behind.
@@ -349,6 +410,7 @@ class StorageSCP:
 
     def _store(self, event: Any, req: Any, tmp: Path, calling: str, address: str) -> Any:
         try:
+            # checked when the data set began to stream (dicom/stream.py) and again now it is complete
             if self.spool.free_bytes() < self.settings.min_free_disk_mb * 1024 * 1024:
                 return self._refuse(OUT_OF_RESOURCES, "node disk below free-space watermark",
                                     f"free disk under min_free_disk_mb={self.settings.min_free_disk_mb}", calling, address)
@@ -372,6 +434,11 @@ class StorageSCP:
         except OSError as exc:
             return self._refuse(OUT_OF_RESOURCES, "node cannot write its spool",
                                 f"cannot write spool: {exc.strerror or type(exc).__name__}", calling, address)
+        except UidConflict as exc:
+            # permanent: the PACS holds the same series UID under two studies; sending it again changes nothing
+            return self._refuse(SERIES_IN_OTHER_STUDY, "series UID already held under another study",
+                                f"{exc} (index study {exc.held_by})",
+                                calling, address)
         except (OperationalError, IntegrityError, ValueError) as exc:
             log.debug("index error", exc_info=True)
             return self._refuse(OUT_OF_RESOURCES, "node index unavailable",
@@ -412,6 +479,7 @@ class StorageSCP:
         return SUCCESS
 
     def _on_released(self, event: Any) -> None:
+        _close_streams(event.assoc)
         with self._lock:
             studies = self._touched.pop(id(event.assoc), set())
         if studies:
@@ -420,21 +488,69 @@ class StorageSCP:
                 self.on_release()
 
     def _on_ended(self, event: Any) -> None:
-        # An abort or a dropped connection never brings completion forward.
+        # An abort or a dropped connection never brings completion forward, and leaves no file behind.
+        _close_streams(event.assoc)
+        if getattr(event.assoc, "release_requested", False):
+            # the peer closed its socket on reading our A-RELEASE-RP, before EVT_RELEASED ran: a clean
+            # release, which _on_released (still to come, in the association's thread) records
+            return
         with self._lock:
             self._touched.pop(id(event.assoc), None)
 
 
-def _reject(assoc: Any, diagnostic: int) -> None:
-    """A-ASSOCIATE-RJ, permanent, service-user: 0x03 calling AE / 0x07 called AE not recognised.
+def _close_streams(assoc: Any) -> None:
+    """Remove the data sets still streaming when an association ends (released, aborted, timed out, dropped)."""
+    guard = guard_of(assoc)
+    if guard is not None:
+        n = guard.close_all()
+        if n:
+            log.warning("association ended with %d data set(s) incomplete: partial file(s) removed", n)
+
+
+def _reject(assoc: Any, diagnostic: int, result: int = 0x01, source: int = 0x01) -> None:
+    """A-ASSOCIATE-RJ: by default permanent, service-user, 0x03 calling AE / 0x07 called AE not recognised;
+    for a slot limit transient (0x02), service-provider presentation related (0x03), local limit exceeded (0x02).
 
     ``kill`` waits until the DUL has sent the PDU, as pynetdicom's own
     negotiation does; returning without it closes the socket first and the
     peer sees an abort instead of a rejection.
     """
-    assoc.acse.send_reject(0x01, 0x01, diagnostic)
+    assoc.acse.send_reject(result, source, diagnostic)
     evt.trigger(assoc, evt.EVT_REJECTED, {})
     assoc.kill()
+
+
+class _Slots:
+    """The listener's association slots: ``total`` in all, ``per_peer`` per (calling AE title, address).
+
+    An association takes a slot when its A-ASSOCIATE-RQ is admitted and
+    holds it while its thread lives and it is neither released, aborted nor
+    rejected; nothing has to hand it back, so no end-of-association path
+    can leak one. Connections that have not sent their request hold none
+    (the ARTIM timeout closes them). The peer key is the calling AE title
+    and the address together: the title alone is sent in clear (a host
+    claiming the PACS's title would use up the PACS's share), the address
+    alone lumps every AE behind one host or NAT gateway together.
+    """
+
+    def __init__(self, total: int, per_peer: int) -> None:
+        self.total = total
+        self.per_peer = per_peer
+        self._held: dict[Any, tuple[str, str]] = {}
+        self._lock = threading.Lock()
+
+    def admit(self, assoc: Any, peer: tuple[str, str]) -> str | None:
+        """Take a slot for ``assoc``; or the reason there is none (the association is then to be rejected)."""
+        with self._lock:
+            self._held = {a: p for a, p in self._held.items()
+                          if a.is_alive() and not (a.is_released or a.is_aborted or a.is_rejected)}
+            if len(self._held) >= self.total:
+                return f"all {self.total} association slots in use (max_associations)"
+            mine = sum(p == peer for p in self._held.values())
+            if mine >= self.per_peer:
+                return f"this peer holds {mine} of its {self.per_peer} association slots (max_associations_per_peer)"
+            self._held[assoc] = peer
+            return None
 
 
 def _failure(status: int, comment: str) -> Dataset:
