@@ -44,6 +44,7 @@ from dicomnode.node import Node
 from dicomnode.runtime.monitor import full_status
 from dicomnode.runtime.service import Pipeline, run_worker
 from dicomnode.stages.dispatch import Outbox
+from dicomnode.stages.dispatch import describe as describe_delivery
 
 gc.freeze()
 if _gc_was_enabled:
@@ -180,7 +181,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 if rep.get("gate_loosened"):
                     print(f"    report: {rep['gate_loosened']}")
             for d in v.get("deliveries", []):
-                print(f"    delivery to {d.get('destination')}: {d.get('state')}"
+                print(f"    delivery to {d.get('destination')}: {describe_delivery(d)}"
                       + (f" ({d.get('last_error')})" if d.get("last_error") else ""))
             for se in v["series"]:
                 role = se["role"] or "-"

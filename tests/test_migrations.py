@@ -15,7 +15,6 @@ import importlib.util
 import sqlite3
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -35,10 +34,11 @@ from dicomnode.index.reports import Reports
 from dicomnode.index.schema import Base
 from dicomnode.index.studies import Index, InstanceMeta
 from dicomnode.stages.dispatch import Outbox
+from nodeutil import wait_until
 
 DATA = Path(__file__).resolve().parent / "data"
 DUMP = DATA / "index-v1.sql"
-HEAD = "0002"
+HEAD = "0003"
 
 
 def _load_v1() -> ModuleType:
@@ -165,7 +165,7 @@ def test_migrations_are_found_inside_the_package() -> None:
     location = Path(cfg.get_main_option("script_location") or "")
     assert location == Path(migrate.__file__).resolve().parent / "migrations"
     assert (location / "env.py").is_file()
-    assert migrate.known_revisions() == {"0001", "0002"}
+    assert migrate.known_revisions() == {"0001", "0002", "0003"}
 
 
 # -- a site's release-1 database ----------------------------------------------------------------------
@@ -240,7 +240,7 @@ def test_a_table_set_it_cannot_identify_is_refused_untouched(url: str, engine: E
 
 def test_behind_is_upgraded_or_refused_when_not_migrating(url: str, engine: Engine) -> None:
     migrate.upgrade(url, "0001")
-    with pytest.raises(migrate.SchemaError, match=r"has revision 0001 but this dicomnode expects revision 0002"):
+    with pytest.raises(migrate.SchemaError, match=r"has revision 0001 but this dicomnode expects revision 0003"):
         migrate.check_at_head(url)
     with pytest.raises(migrate.SchemaError, match="dicomnode db upgrade"):
         Index(url, migrate=False)
@@ -254,7 +254,7 @@ def test_a_database_written_by_a_newer_node_is_refused(url: str, engine: Engine)
         c.execute(text("UPDATE alembic_version SET version_num = '0099'"))
     for attempt in (lambda: Index(url), lambda: Index(url, migrate=False), lambda: migrate.check_at_head(url),
                     lambda: migrate.upgrade(url)):
-        with pytest.raises(migrate.SchemaError, match=r"revision 0099, newer than this dicomnode's 0002") as err:
+        with pytest.raises(migrate.SchemaError, match=r"revision 0099, newer than this dicomnode's 0003") as err:
             attempt()
         assert "downgrade" in str(err.value) and str(err.value).count(". ") == 0  # one sentence
     assert migrate.current_revision(url) == "0099"  # nothing was touched
@@ -276,24 +276,35 @@ def test_downgrade_returns_to_release_1_schema_and_upgrade_again(url: str, engin
 # -- several processes starting at once ----------------------------------------------------------------------
 
 _START = """
-import logging, sys, time
+import logging, os, sys, time
+from pathlib import Path
 logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(name)s %(message)s")
 from dicomnode.index.studies import Index
-start = float(sys.argv[2])
-while time.time() < start:
+gate = Path(sys.argv[2])
+(gate / f"ready-{os.getpid()}").touch()
+while not (gate / "go").exists():
     time.sleep(0.001)
 Index(sys.argv[1]).close()
 """
 
 
-def test_processes_starting_at_once_create_the_schema_exactly_once(url: str, engine: Engine) -> None:
-    start = time.time() + 5  # after every interpreter has imported the node
-    procs = [subprocess.Popen([sys.executable, "-c", _START, url, str(start)], stdout=subprocess.PIPE,
+def test_processes_starting_at_once_create_the_schema_exactly_once(url: str, engine: Engine, tmp_path: Path) -> None:
+    # A start line, not a start time: each process says when it has imported the node, and all are let go
+    # together once all four have (a fixed "now + 5 s" was passed by slow imports on a loaded machine).
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", _START, url, str(gate)], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for _ in range(4)]
-    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    try:
+        wait_until(lambda: len(list(gate.glob("ready-*"))) == 4 or any(p.poll() is not None for p in procs),
+                   what="four processes ready")
+    finally:
+        (gate / "go").touch()
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0] * 4, outputs
     assert sum(o.count("creating the index schema") for o in outputs) == 1, outputs
     assert sum(o.count("Running upgrade 0001 -> 0002") for o in outputs) == 1, outputs
+    assert sum(o.count("Running upgrade 0002 -> 0003") for o in outputs) == 1, outputs
     with engine.connect() as c:
         assert list(c.execute(text("SELECT version_num FROM alembic_version")).scalars()) == [HEAD]
     assert meta_value(engine) == HEAD

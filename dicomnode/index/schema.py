@@ -181,6 +181,7 @@ class Delivery(Base):
     __table_args__ = (
         UniqueConstraint("destination", "sop_instance_uid", name="uq_deliveries_destination_sop"),
         SqlIndex("ix_deliveries_due", "state", "next_attempt_at"),
+        SqlIndex("ix_deliveries_confirm_due", "confirmation", "confirm_next_at"),
     )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
@@ -199,6 +200,15 @@ class Delivery(Base):
     last_error: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[float] = mapped_column(Float)
     sent_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Confirmed delivery (revision 0003; dicomnode.dicom.commit): whether the PACS vouched for what it took.
+    # NULL while not sent (and on rows sent before 0003: shown as unconfirmed); else awaiting | confirmed |
+    # unconfirmed (confirm = "none") | failed (the PACS cannot or will not say; confirm_error says why).
+    confirmation: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    confirm_txn_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)  # the last N-ACTION's
+    confirm_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    confirm_next_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # ask (again) from then
+    confirm_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    confirmed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -14,6 +14,15 @@ short one, guarded by the token. Two pumps on two hosts therefore never send
 the same row at once. A pump that dies mid-send leaves a lease that expires;
 the row is then sent again with the same SOP Instance UID, which a PACS
 treats as the same object (delivery is at-least-once, never a second report).
+
+Confirmation (``dicomnode.dicom.commit``; docs/dispatch.md, "Confirmed
+delivery"): a sent row also carries ``confirmation``. Each pump first asks the
+destinations to vouch for rows sent earlier (storage commitment or C-FIND, per
+destination), claimed like sends; a PACS that lost an object puts its row back
+to pending, so the same bytes go out again with the usual backoff. ``state``
+keeps its meaning (``sent``: the PACS answered the C-STORE with success), so
+readers of ``state`` and ``summary()`` are unchanged; ``confirmation`` says
+how far the PACS has vouched for it.
 """
 from __future__ import annotations
 
@@ -26,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
+from pydicom.uid import generate_uid
 from sqlalchemy import func, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -33,6 +43,10 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
 from dicomnode.config import DestinationSettings, Settings
+from dicomnode.dicom.commit import (
+    AWAITING, COMMITMENT, CONFIRMED, FAILED, FIND, NONE, PARKED, PENDING, SENT, UNCONFIRMED, Answer, Confirmation,
+    Item, find_instances, request_commitment, settle,
+)
 from dicomnode.dicom.scu import OutgoingFile, Timeouts, store
 from dicomnode.dicom.status import Outcome, Verdict, backoff_s
 from dicomnode.index.schema import Delivery
@@ -42,10 +56,9 @@ from dicomnode.stages.context import StageContext
 
 log = logging.getLogger(__name__)
 
-PENDING = "pending"
-SENT = "sent"
-PARKED = "parked"
+# the row states (defined in dicom.commit, which writes them too): "sent" = the C-STORE succeeded
 STATES = (PENDING, SENT, PARKED)
+CONFIRMATIONS = (AWAITING, CONFIRMED, UNCONFIRMED, FAILED)  # of a sent row; see dicom.commit
 
 
 @dataclass
@@ -56,9 +69,15 @@ class PumpResult:
     retrying: list[int] = field(default_factory=list)
     parked: list[int] = field(default_factory=list)
     lost_claims: list[int] = field(default_factory=list)  # lease expired and taken over while we sent
+    # confirmation of rows sent in earlier pumps (not sends, so not in ``attempted``)
+    confirmed: list[int] = field(default_factory=list)
+    resend: list[int] = field(default_factory=list)  # the PACS does not have it: pending again (or parked)
+    confirm_waiting: list[int] = field(default_factory=list)  # commitment asked, report owed; or ask again later
+    unconfirmable: list[int] = field(default_factory=list)  # the PACS cannot or will not confirm
 
     @property
     def attempted(self) -> int:
+        """Send attempts (C-STOREs), as before confirmation existed."""
         return len(self.sent) + len(self.retrying) + len(self.parked) + len(self.lost_claims)
 
 
@@ -182,6 +201,10 @@ class Outbox:
         started = time.monotonic()
         result = PumpResult()
         configured = {d.name: d for d in self.settings.destinations}
+        # confirm first: what this pump sends is confirmed by a later one, after the destination's confirm_after_s
+        self._confirm(now, configured, result)
+        now += time.monotonic() - started
+        started = time.monotonic()
         for name, ids in self._due(now).items():
             rows, token = self._claim(ids, now)
             if not rows:
@@ -196,7 +219,7 @@ class Outbox:
                 except BaseException:
                     self._release(token)  # let the next pump (here or elsewhere) have them now, not after the lease
                     raise
-            self._record(rows, token, outcomes, now + (time.monotonic() - started), result)
+            self._record(rows, token, outcomes, now + (time.monotonic() - started), result, dest)
         return result
 
     def _due(self, now: float) -> dict[str, list[int]]:
@@ -276,7 +299,8 @@ class Outbox:
         return outcomes
 
     def _record(
-        self, rows: list[_Claimed], token: str, outcomes: dict[int, Outcome], now: float, result: PumpResult
+        self, rows: list[_Claimed], token: str, outcomes: dict[int, Outcome], now: float, result: PumpResult,
+        dest: DestinationSettings | None = None,
     ) -> None:
         """Write every outcome in one short transaction (guarded by the claim token), then the events."""
         s = self.settings
@@ -289,7 +313,8 @@ class Outbox:
                     "attempts": attempts, "last_status": o.status, "claimed_until": None, "claim_token": None,
                 }
                 if o.verdict is Verdict.SENT:
-                    values.update(state=SENT, sent_at=now, last_error="" if o.status == 0 else o.reason)
+                    values.update(state=SENT, sent_at=now, last_error="" if o.status == 0 else o.reason,
+                                  **_awaiting_confirmation(dest, now))
                     kind, bucket = "delivery_sent", result.sent
                 elif o.verdict is Verdict.RETRY and attempts < s.dispatch_max_attempts:
                     delay = backoff_s(attempts, s.dispatch_retry_initial_s, s.dispatch_retry_max_s)
@@ -382,6 +407,13 @@ class Outbox:
                 "last_error": r["last_error"] or None,
                 "created_at": _iso(r["created_at"]),
                 "sent_at": _iso(r["sent_at"]),
+                # confirmed delivery (docs/dispatch.md): null until sent; a row sent before it existed is unconfirmed
+                "confirmation": r["confirmation"] or (UNCONFIRMED if r["state"] == SENT else None),
+                "confirm_attempts": r["confirm_attempts"] or 0,
+                "confirm_next_at": _iso(r["confirm_next_at"]) if r["confirmation"] == AWAITING else None,
+                "confirm_error": r["confirm_error"] or None,
+                "confirmed_at": _iso(r["confirmed_at"]),
+                "transaction_uid": r["confirm_txn_uid"],
             }
             for r in rows
         ]
@@ -393,6 +425,140 @@ class Outbox:
         out = {st: int(counts.get(st, 0)) for st in STATES}
         out["total"] = sum(out.values())
         return out
+
+    def confirmations(self) -> dict[str, int]:
+        """Sent rows by confirmation (every value present, zero included); rows sent before 0003 count as unconfirmed.
+
+        Kept apart from ``summary()``, whose keys readers compare as a whole:
+        ``sent`` there is every row the PACS took, confirmed or not.
+        """
+        with self.engine.connect() as c:
+            counts = dict(c.execute(select(Delivery.confirmation, func.count()).where(Delivery.state == SENT)
+                                    .group_by(Delivery.confirmation)).all())
+        out = {st: int(counts.get(st, 0)) for st in CONFIRMATIONS}
+        out[UNCONFIRMED] += int(counts.get(None, 0))
+        return out
+
+    # -- confirmation --------------------------------------------------------------------
+
+    def _confirm(self, now: float, configured: dict[str, DestinationSettings], result: PumpResult) -> None:
+        """Ask each destination to vouch for its due rows (one association per destination and batch).
+
+        Claimed like sends (the same lease columns; a sent row is never claimed
+        for sending), so two pumps never ask twice for one row. For storage
+        commitment the Transaction UID is written with the claim, before the
+        N-ACTION: the PACS may report on a new association to the listener
+        (any process on this index) before this pump hears the N-ACTION-RSP.
+        """
+        started = time.monotonic()
+        for name, ids in self._confirm_due(now).items():
+            dest = configured.get(name)
+            txn = generate_uid() if dest is not None and dest.confirm == COMMITMENT else None
+            rows, token = self._claim_confirm(ids, now, txn, dest)
+            if not rows:
+                continue
+            items = [Item(r.id, r.sop_class_uid, r.sop_instance_uid, self.settings.data_path / r.path) for r in rows]
+            guard = Delivery.confirm_txn_uid == txn if txn is not None else Delivery.claim_token == token
+            try:
+                outcomes: dict[int, Confirmation]
+                if dest is None:
+                    why = Confirmation(Answer.FAILED, f"destination {name} is no longer configured")
+                    outcomes = {r.id: why for r in rows}
+                elif dest.confirm == NONE:
+                    outcomes = {r.id: Confirmation(Answer.OFF, "confirm = none") for r in rows}
+                elif dest.confirm == FIND:
+                    outcomes = find_instances(dest, items, settings=self.settings)
+                else:
+                    assert txn is not None
+                    asked = request_commitment(dest, items, txn, index=self.index, settings=self.settings)
+                    outcomes = {r.id: asked for r in rows}
+            except BaseException:
+                self._release(token)
+                raise
+            settled = settle(self.index, self.settings, outcomes, now + (time.monotonic() - started), guard)
+            result.confirmed += settled.get(Answer.CONFIRMED, [])
+            result.resend += settled.get(Answer.MISSING, [])
+            result.confirm_waiting += settled.get(Answer.ASKED, []) + settled.get(Answer.RETRY, [])
+            result.unconfirmable += settled.get(Answer.FAILED, []) + settled.get(Answer.OFF, [])
+            self._release(token)  # rows a report settled meanwhile, or that a guard skipped, are free again
+
+    def _confirm_due(self, now: float) -> dict[str, list[int]]:
+        """Ids of sent rows whose confirmation is due (first ask, report overdue, or retry), per destination."""
+        with self.engine.connect() as c:
+            rows = c.execute(
+                select(Delivery.id, Delivery.destination)
+                .where(
+                    Delivery.state == SENT,
+                    Delivery.confirmation == AWAITING,
+                    Delivery.confirm_next_at <= now,
+                    or_(Delivery.claimed_until.is_(None), Delivery.claimed_until < now),
+                )
+                .order_by(Delivery.confirm_next_at, Delivery.id)
+                .limit(self.batch_size * max(1, len(self.settings.destinations)) * 4)
+            ).all()
+        out: dict[str, list[int]] = {}
+        for row_id, dest in rows:
+            ids = out.setdefault(dest, [])
+            if len(ids) < self.batch_size:
+                ids.append(row_id)
+        return out
+
+    def _claim_confirm(self, ids: list[int], now: float, txn: str | None,
+                       dest: DestinationSettings | None) -> tuple[list[_Claimed], str]:
+        """Lease the still-due rows of ``ids`` for confirmation (and stamp the N-ACTION's Transaction UID)."""
+        token = uuid.uuid4().hex
+        lease = self._lease_s(len(ids)) + (5.0 if dest is not None and dest.confirm == COMMITMENT else 0.0)
+        # the attempt is counted as it is claimed: a report may settle the row before the N-ACTION-RSP is read
+        values: dict[str, Any] = {"claimed_until": now + lease, "claim_token": token,
+                                  "confirm_attempts": Delivery.confirm_attempts + 1}
+        if txn is not None:
+            values["confirm_txn_uid"] = txn
+        with self.engine.begin() as c:
+            c.execute(
+                update(Delivery)
+                .where(
+                    Delivery.id.in_(ids),
+                    Delivery.state == SENT,
+                    Delivery.confirmation == AWAITING,
+                    Delivery.confirm_next_at <= now,
+                    or_(Delivery.claimed_until.is_(None), Delivery.claimed_until < now),
+                )
+                .values(**values)
+            )
+            rows = c.execute(
+                select(
+                    Delivery.id, Delivery.study_id, Delivery.destination, Delivery.sop_instance_uid,
+                    Delivery.sop_class_uid, Delivery.transfer_syntax_uid, Delivery.path, Delivery.attempts,
+                )
+                .where(Delivery.claim_token == token)
+                .order_by(Delivery.id)
+            ).all()
+        return [_Claimed(*r) for r in rows], token
+
+
+def _awaiting_confirmation(dest: DestinationSettings | None, now: float) -> dict[str, Any]:
+    """The confirmation columns of a row the destination just took (a re-send starts a fresh confirmation)."""
+    fresh: dict[str, Any] = {"confirm_attempts": 0, "confirm_txn_uid": None, "confirm_error": None,
+                             "confirmed_at": None}
+    if dest is None or dest.confirm == NONE:
+        return {**fresh, "confirmation": UNCONFIRMED, "confirm_next_at": None}
+    return {**fresh, "confirmation": AWAITING, "confirm_next_at": now + dest.confirm_after_s}
+
+
+def describe(row: dict[str, Any]) -> str:
+    """A delivery's state for operators: ``sent`` is split by confirmation (``dicomnode status``)."""
+    state = row.get("state")
+    if state != SENT:
+        return str(state)
+    conf = row.get("confirmation")
+    if conf == CONFIRMED:
+        return "sent, confirmed"
+    if conf == AWAITING:
+        n = row.get("confirm_attempts") or 0
+        return "sent, awaiting confirmation" + (f" (asked {n}x)" if n else "")
+    if conf == FAILED:
+        return f"sent, not confirmed: {row.get('confirm_error') or 'unknown'}"
+    return "sent (unconfirmed)"
 
 
 def _iso(t: float | None) -> str | None:
