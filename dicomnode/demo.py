@@ -149,7 +149,10 @@ def run_demo(settings: Settings, workdir: Path, *, without_t1ce: bool = False, t
     node_settings = settings.replace(
         port=_free_port() if settings.port == 11112 else settings.port,
         destinations=[{"ae_title": PACS_AET, "host": "127.0.0.1", "port": pacs.port}],
-        quiet_period_s=min(settings.quiet_period_s, 3.0), allowed_peers=["DEMOSCU@127.0.0.1"])
+        # the demo sends the study in one association and releases it: the release completes it a second
+        # later; the quiet period is only the fall-back, long enough that a stall on a busy machine cannot
+        # split the study in two versions
+        quiet_period_s=min(settings.quiet_period_s, 60.0), release_quiet_s=1.0, allowed_peers=["DEMOSCU@127.0.0.1"])
     node = Node(node_settings)
     node.start()
     try:

@@ -776,3 +776,20 @@ def test_cannot_grade_sr_of_a_study_with_no_usable_series(cannot_grade_result, s
     assert "No series could be used." in dsrdump(paths[0])
     with pytest.raises(ValueError, match="source example"):
         dataclasses.replace(result, source_example=None)
+
+
+def test_a_source_without_type2_patient_attributes_still_gets_its_sr(cannot_grade_result, study, tmp_path):
+    """Senders omit Type 2 attributes (birth date, sex, accession number); the report fills them in empty."""
+    src = pydicom.dcmread(inputs_of(study, ["T2"])[0].example_file)
+    for keyword in ("PatientBirthDate", "PatientSex", "AccessionNumber", "ReferringPhysicianName"):
+        if keyword in src:
+            delattr(src, keyword)
+    bare = tmp_path / "bare.dcm"
+    src.save_as(bare)
+    result = dataclasses.replace(cannot_grade_result, inputs=[], available_roles=[],
+                                 missing_roles=["T1", "T1CE", "T2", "FLAIR"], source_example=str(bare))
+    paths = write_reports(result, tmp_path / "out", algorithm_version=VERSION, when=WHEN)
+    for p in paths:
+        assert_valid(p)
+    sr = pydicom.dcmread(paths[0])
+    assert sr.PatientBirthDate == "" and sr.PatientID == PATIENT_ID

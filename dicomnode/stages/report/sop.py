@@ -77,6 +77,11 @@ def device_observer_uid(manufacturer: str, algorithm_version: str) -> str:
     return str(generate_uid(entropy_srcs=[_UID_SCHEME, "device", manufacturer, algorithm_version]))
 
 
+# Patient and General Study attributes of Type 2 that the report inherits from the source (PS3.3 C.7.1.1, C.7.2.1)
+_TYPE2_INHERITED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                    "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
 def read_example(result: VersionResult) -> Dataset:
     """Header of one stored source instance: the patient and study attributes the report inherits.
 
@@ -92,6 +97,11 @@ def read_example(result: VersionResult) -> Dataset:
         if not path.is_file():
             continue
         ds = pydicom.dcmread(path, stop_before_pixels=True)
+        for keyword in _TYPE2_INHERITED:
+            if keyword not in ds:
+                # Type 2 in the source's modules too, but senders omit them; the report's modules need them
+                # present (empty), and highdicom reads them without a default
+                setattr(ds, keyword, "")
         if str(ds.StudyInstanceUID) != result.study_instance_uid:
             raise ValueError(f"example file {path.name} belongs to another study")
         return ds
