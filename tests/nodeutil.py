@@ -8,8 +8,10 @@ import socket
 import subprocess
 import sys
 import time
+from calendar import timegm
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydicom.dataset import Dataset, FileMetaDataset
 from pynetdicom import AE
@@ -19,6 +21,40 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 REPO = Path(__file__).resolve().parent.parent
 NODE_AET = "TESTNODE"
 MR = "1.2.840.10008.5.1.4.1.1.4"
+
+# Waiting for asynchronous state. The suite must pass on a loaded machine (load ~10 on 2 cores),
+# so a test never sleeps a fixed time and then asserts: it polls for the state it needs, with a
+# bound in minutes (a bound costs time only when the test fails). No test asserts a duration.
+PROCESS_TIMEOUT_S = 300.0  # a node, worker or Orthanc process starting, stopping, or a state it reaches
+
+# Completion on a clean A-RELEASE, for tests about something other than the quiet period, whose
+# sender (store(), `dicomnode send`, Orthanc) sends a study in one association and then releases:
+# the version completes ``release_quiet_s`` after the release, i.e. only after its last instance.
+# The quiet period is only the fall-back (a release the node missed: the EVT_CONN_CLOSE-before-
+# EVT_RELEASED race, fixed and tested in test_edge.py), long enough that no stall inside one transfer
+# on a loaded machine can split a study (1-3 s did, at load ~10).
+RELEASE_COMPLETES: dict[str, Any] = {"quiet_period_s": 120, "release_quiet_s": 1}
+
+T = TypeVar("T")
+
+
+def wait_until(predicate: Callable[[], T], timeout: float = PROCESS_TIMEOUT_S, every: float = 0.25,
+               what: str = "condition") -> T:
+    """Poll ``predicate()`` until it returns something truthy, and return that; TimeoutError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout:.0f} s")
+        time.sleep(every)
+
+
+def epoch(iso: str) -> float:
+    """A ``status --json`` time ("2026-01-02T03:04:05.678Z") as UNIX seconds (millisecond precision)."""
+    whole, _, frac = iso.rstrip("Z").partition(".")
+    return timegm(time.strptime(whole, "%Y-%m-%dT%H:%M:%S")) + (int(frac) / 1000 if frac else 0.0)
 
 
 def free_port() -> int:
@@ -55,15 +91,14 @@ class NodeProcess:
             env["DICOMNODE_" + k.upper()] = json.dumps(v) if isinstance(v, (list, dict)) else str(v)
         return env
 
-    def start(self, timeout: float = 30.0) -> NodeProcess:
+    def start(self, timeout: float = PROCESS_TIMEOUT_S) -> NodeProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         logf = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dicomnode", "serve"], env=self.env(), cwd=REPO, stdout=logf, stderr=logf
         )
-        # Ready when it logs that it listens: a bare TCP probe would occupy an
-        # association slot until the ACSE timeout.
+        # Ready when it logs that it listens (a bare TCP probe would only tell that the port is open).
         deadline = time.time() + timeout
         marker = f"on 127.0.0.1:{self.port} "
         while time.time() < deadline:
@@ -81,7 +116,7 @@ class NodeProcess:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout=20)
+                self.proc.wait(timeout=120)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
@@ -100,12 +135,12 @@ class NodeProcess:
     def status(self) -> dict[str, Any]:
         return json.loads(self.cli("status", "--json").stdout)
 
-    def wait_for(self, predicate: Any, timeout: float = 30.0, every: float = 0.25) -> dict[str, Any]:
-        """Poll ``status --json`` until ``predicate(doc)`` holds."""
-        deadline = time.time() + timeout
+    def wait_for(self, predicate: Any, timeout: float = PROCESS_TIMEOUT_S, every: float = 0.25) -> dict[str, Any]:
+        """Poll ``status --json`` until ``predicate(doc)`` holds (``timeout``: an upper bound, minutes)."""
+        deadline = time.monotonic() + timeout
         doc = self.status()
         while not predicate(doc):
-            if time.time() > deadline:
+            if time.monotonic() > deadline:
                 raise TimeoutError(f"condition not met within {timeout}s; last status:\n{json.dumps(doc, indent=1)}")
             time.sleep(every)
             doc = self.status()
@@ -145,6 +180,8 @@ def mr_dataset(study_uid: str, series_uid: str, sop_uid: str | None = None, rows
 
 def associate(port: int, calling: str = "GOODSCU", called: str = NODE_AET, contexts=(MR, RawDataStorage)):
     ae = AE(ae_title=calling)
+    # bounds for a node on a loaded machine (pynetdicom's defaults are 30-60 s); refusals come at once anyway
+    ae.acse_timeout, ae.dimse_timeout, ae.network_timeout = 120, 120, 300
     for cx in contexts:
         ae.add_requested_context(cx, [ExplicitVRLittleEndian])
     ae.add_requested_context(Verification)
@@ -174,7 +211,7 @@ class WorkerProcess:
         self.log_path = node.data_dir.parent / f"worker-{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 60.0) -> WorkerProcess:
+    def start(self, timeout: float = PROCESS_TIMEOUT_S) -> WorkerProcess:
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         logf = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "dicomnode", "worker", "--queues", self.queues],
@@ -201,7 +238,7 @@ class WorkerProcess:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout=30)
+                self.proc.wait(timeout=120)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()

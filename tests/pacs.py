@@ -9,7 +9,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from nodeutil import NODE_AET, free_port
+from nodeutil import NODE_AET, PROCESS_TIMEOUT_S, free_port
 
 ORTHANC_AET = "ORTHANC"
 
@@ -51,7 +51,7 @@ class Orthanc:
         """This PACS as a node ``destinations`` entry."""
         return {"ae_title": ORTHANC_AET, "host": "127.0.0.1", "port": self.dicom_port}
 
-    def start(self, timeout: float = 30.0) -> Orthanc:
+    def start(self, timeout: float = PROCESS_TIMEOUT_S) -> Orthanc:
         self.log = open(self.workdir / "orthanc.log", "ab")
         self.proc = subprocess.Popen(["Orthanc", str(self.workdir / "orthanc.json")], stdout=self.log,
                                      stderr=subprocess.STDOUT, env={**os.environ, "TCP_NODELAY": "1"})
@@ -96,7 +96,11 @@ class Orthanc:
     def stop(self) -> None:
         if self.proc is not None:
             self.proc.terminate()
-            self.proc.wait(timeout=20)
+            try:
+                self.proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
             self.proc = None
         if self.log is not None:
             self.log.close()

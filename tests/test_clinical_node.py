@@ -20,7 +20,7 @@ import pytest
 
 from checkpoints import tiny_checkpoints
 from conftest import dcmtk_tool
-from nodeutil import NodeProcess, regate
+from nodeutil import RELEASE_COMPLETES, NodeProcess, regate
 from pacs import Orthanc
 from test_e2e import check_sr, reports_in, route, wait
 
@@ -56,9 +56,11 @@ def dump(orthanc: Orthanc, tmp: Path, study: str) -> str:
 
 
 def start_node(tmp_path: Path, orthanc: Orthanc, port: int, ckpts: Path) -> NodeProcess:
-    node = NodeProcess(tmp_path / "data", port=port, quiet_period_s=2, allowed_peers=["ORTHANC@127.0.0.1"],
-                       destinations=[orthanc.destination], checkpoints_dir=str(ckpts), dispatch_poll_s=0.5)
-    return node.start(timeout=120)
+    # completes on Orthanc's clean release, not after a 2 s quiet period a stall mid-transfer could end early
+    node = NodeProcess(tmp_path / "data", port=port, allowed_peers=["ORTHANC@127.0.0.1"],
+                       destinations=[orthanc.destination], checkpoints_dir=str(ckpts), dispatch_poll_s=0.5,
+                       **RELEASE_COMPLETES)
+    return node.start()
 
 
 def test_whole_head_study_sr_reports_brain_volume_and_registration(

@@ -32,7 +32,8 @@ from dicomnode.dicom.status import Verdict, backoff_s, classify_status
 from dicomnode.runtime.dispatcher import Dispatcher
 from dicomnode.stages.dispatch import PARKED, PENDING, SENT, Delivery, Outbox
 from dicomnode.index.studies import Index
-from nodeutil import free_port
+from nodeutil import PROCESS_TIMEOUT_S, free_port
+from nodeutil import wait_until as _wait_until
 from pacs import Orthanc
 
 PATIENT = "SECRET^PATIENTNAME"
@@ -79,9 +80,10 @@ def settings_for(data_dir: Path, *destinations: Any, **changes: Any) -> Settings
         "dispatch_retry_initial_s": 0.5,
         "dispatch_retry_max_s": 2.0,
         "dispatch_max_attempts": 5,
-        "acse_timeout_s": 5.0,
-        "dimse_timeout_s": 5.0,
-        "network_timeout_s": 5.0,
+        # bounds for a peer in this process on a loaded machine; a refusal or a closed port answers at once
+        "acse_timeout_s": 60.0,
+        "dimse_timeout_s": 60.0,
+        "network_timeout_s": 120.0,
     }
     base.update(changes)
     return Settings().replace(**base)
@@ -126,6 +128,7 @@ class StoreSCP:
                  ssl_context: ssl.SSLContext | None = None) -> None:
         self.status = status
         self.delay_s = delay_s
+        self._stopping = threading.Event()  # ends a delay early at stop(), so a long one costs no test time
         self.received: list[str] = []
         self.lock = threading.Lock()
         self.port = port or free_port()
@@ -141,12 +144,13 @@ class StoreSCP:
 
     def _on_store(self, event: Any) -> int:
         if self.delay_s:
-            time.sleep(self.delay_s)
+            self._stopping.wait(self.delay_s)
         with self.lock:
             self.received.append(str(event.request.AffectedSOPInstanceUID))
         return self.status
 
     def stop(self) -> None:
+        self._stopping.set()
         self.server.shutdown()
 
 
@@ -164,12 +168,9 @@ def scps() -> Iterator[Callable[..., StoreSCP]]:
         scp.stop()
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 20.0, every: float = 0.1) -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        if time.time() > deadline:
-            raise TimeoutError("condition not met")
-        time.sleep(every)
+def wait_until(predicate: Callable[[], Any], timeout: float = PROCESS_TIMEOUT_S, every: float = 0.1) -> Any:
+    """Poll for a state; ``timeout`` is an upper bound (minutes), never a margin the test relies on."""
+    return _wait_until(predicate, timeout=timeout, every=every)
 
 
 def orthanc_has(pacs: Orthanc, sop_instance_uid: str) -> bool:
@@ -238,11 +239,13 @@ def test_down_destination_is_retried_and_storescp_gets_the_same_sop_instance(tmp
     uid = str(dcmread(f).SOPInstanceUID)
     outbox.enqueue([f], study_id=1, version_id=1)
     t0 = time.time()
+    started = time.monotonic()
     result = outbox.pump(now=t0)
+    took = time.monotonic() - started  # the backoff counts from the end of the attempt, however long it took
     assert result.retrying and not result.sent
     r = raw_row(outbox, result.retrying[0])
     assert (r["state"], r["attempts"]) == (PENDING, 1)
-    assert t0 + 3.0 <= r["next_attempt_at"] < t0 + 4.0
+    assert t0 + 3.0 <= r["next_attempt_at"] <= t0 + took + 3.0 + 0.001
     assert "could not connect" in r["last_error"]
     # not due yet: nothing is attempted
     assert outbox.pump(now=t0 + 1.0).attempted == 0
@@ -252,7 +255,7 @@ def test_down_destination_is_retried_and_storescp_gets_the_same_sop_instance(tmp
     proc = subprocess.Popen([storescp, "-od", str(received), str(port)], env={**os.environ, "TCP_NODELAY": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_until(lambda: echo_destinations(s)[0][1], timeout=10, every=0.1)
+        wait_until(lambda: echo_destinations(s)[0][1], every=0.1)
         result = outbox.pump(now=r["next_attempt_at"] + 0.01)
         assert result.sent == [r["id"]]
         (got,) = list(received.iterdir())
@@ -261,7 +264,7 @@ def test_down_destination_is_retried_and_storescp_gets_the_same_sop_instance(tmp
         assert row(outbox)["state"] == SENT and row(outbox)["attempts"] == 2
     finally:
         proc.terminate()
-        proc.wait(10)
+        proc.wait(120)
 
 
 # -- (c) backoff doubles and caps; parked after max attempts; retry un-parks --------------
@@ -275,15 +278,15 @@ def test_backoff_doubles_caps_parks_and_operator_retry_unparks(tmp_path: Path, m
     outbox.enqueue([write_sc(s.data_path)], study_id=2, version_id=None)
     (delivery_id,) = [r["id"] for r in outbox.status()]
     now = time.time()
-    delays = []
-    for attempt in range(1, 5):
+    for attempt, want in zip(range(1, 5), [1.0, 2.0, 3.0, 3.0]):
+        started = time.monotonic()
         result = outbox.pump(now=now)
+        took = time.monotonic() - started  # the backoff counts from the end of the attempt, however long it took
         assert result.retrying == [delivery_id]
         r = raw_row(outbox, delivery_id)
         assert r["attempts"] == attempt and r["state"] == PENDING
-        delays.append(round(r["next_attempt_at"] - now))
+        assert want <= r["next_attempt_at"] - now <= want + took + 0.001, (attempt, r["next_attempt_at"] - now, took)
         now = r["next_attempt_at"]
-    assert delays == [1, 2, 3, 3]
     result = outbox.pump(now=now)
     assert result.parked == [delivery_id]
     r = raw_row(outbox, delivery_id)
@@ -380,7 +383,8 @@ def test_association_rejections_permanent_parks_transient_retries(tmp_path: Path
 
 
 def test_dimse_timeout_is_retried(tmp_path: Path, make_outbox, scps) -> None:
-    scp = scps(delay_s=2.0)
+    # the peer answers only after 60 s (released at the test's end), far beyond the 0.5 s DIMSE timeout
+    scp = scps(delay_s=60.0)
     s = settings_for(tmp_path / "data", dest(scp.port), dimse_timeout_s=0.5)
     outbox = make_outbox(s)
     outbox.enqueue([write_sc(s.data_path)], study_id=6, version_id=1)
@@ -404,7 +408,7 @@ def test_pending_rows_survive_a_restart(tmp_path: Path, make_outbox, scps) -> No
     scp = scps(port=port)
     second = make_outbox(s)  # a new process: new engine on the same SQLite file
     assert second.summary()["pending"] == 3
-    assert len(second.pump(now=time.time() + 10).sent) == 3
+    assert len(second.pump(now=time.time() + 3600).sent) == 3  # past any backoff, however long the first pump took
     assert sorted(scp.received) == sorted(str(dcmread(f).SOPInstanceUID) for f in files)
 
 
@@ -423,10 +427,10 @@ def test_dispatcher_delivers_after_orthanc_comes_back(tmp_path: Path, make_outbo
         f = write_sc(s.data_path)
         outbox.enqueue([f], study_id=9, version_id=1)
         dispatcher.nudge()
-        wait_until(lambda: row(outbox)["attempts"] >= 2, timeout=10)
+        wait_until(lambda: row(outbox)["attempts"] >= 2)
         assert row(outbox)["state"] == PENDING
         pacs.start()
-        wait_until(lambda: row(outbox)["state"] == SENT, timeout=20)
+        wait_until(lambda: row(outbox)["state"] == SENT)
         assert orthanc_has(pacs, str(dcmread(f).SOPInstanceUID))
         assert dispatcher.alive and dispatcher.failures == 0
     finally:
@@ -442,12 +446,12 @@ def test_a_failing_pump_does_not_end_the_dispatcher(tmp_path: Path, make_outbox,
     Delivery.__table__.drop(outbox.engine)  # the database loses the table under a running node
     dispatcher.start()
     try:
-        wait_until(lambda: dispatcher.failures >= 2, timeout=5)
+        wait_until(lambda: dispatcher.failures >= 2)
         assert dispatcher.alive and dispatcher.last_error
         Delivery.metadata.create_all(outbox.engine, tables=[Delivery.__table__])
         outbox.enqueue([write_sc(s.data_path)], study_id=10, version_id=1)
         dispatcher.nudge()
-        wait_until(lambda: row(outbox)["state"] == SENT, timeout=5)
+        wait_until(lambda: row(outbox)["state"] == SENT)
         assert dispatcher.last_error is None and len(scp.received) == 1
     finally:
         dispatcher.stop()
@@ -475,8 +479,8 @@ def test_two_pumps_on_one_database_send_each_row_exactly_once(
     def run(name: str, outbox: Outbox) -> None:
         try:
             barrier.wait()
-            deadline = time.time() + 30
-            while outbox.summary()["pending"] and time.time() < deadline:
+            deadline = time.monotonic() + 300  # an upper bound; the loop ends when nothing is pending
+            while outbox.summary()["pending"] and time.monotonic() < deadline:
                 result = outbox.pump()
                 assert not result.lost_claims and not result.retrying and not result.parked
                 sent[name].extend(result.sent)

@@ -234,7 +234,7 @@ def test_tumour_centroid_survives_the_round_trip(case, study, tmp_path):
     conv = tmp_path / "dcm2niix"
     conv.mkdir()
     proc = subprocess.run([DCM2NIIX, "-b", "n", "-z", "n", "-f", "t2", "-o", str(conv), str(tmp_path / "seg" / "T2")],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     img = nib.load(sorted(conv.glob("*.nii"))[0])
     _same_grid(study.series["T2"].affine, study.series["T2"].volume.shape, img)

@@ -12,13 +12,15 @@ import pytest
 
 from conftest import need
 from dicomnode.synth import make_phantom, write_study
-from nodeutil import NODE_AET, NodeProcess
+from nodeutil import NODE_AET, RELEASE_COMPLETES, NodeProcess
 from pacs import Orthanc
 
 
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[NodeProcess]:
-    n = NodeProcess(tmp_path / "data", quiet_period_s=2, allowed_peers=["ORTHANC@127.0.0.1", "OPERATOR"]).start()
+    # Orthanc and `dicomnode send` each send a study in one association and release it: the version completes
+    # on that release, not after a 2 s quiet period that a stall mid-transfer on a loaded machine could end early
+    n = NodeProcess(tmp_path / "data", allowed_peers=["ORTHANC@127.0.0.1", "OPERATOR"], **RELEASE_COMPLETES).start()
     yield n
     n.stop()
 
@@ -47,7 +49,7 @@ def test_orthanc_routes_a_study_and_the_node_identifies_every_role(
         orthanc_study = pacs.upload(study.all_files())
         job = pacs.request("POST", "/modalities/node/store", orthanc_study.encode())
         assert job is not None
-        doc = node.wait_for(complete(study.study_instance_uid), timeout=60)
+        doc = node.wait_for(complete(study.study_instance_uid))
         roles = roles_of(doc, study.study_instance_uid)
         for role, series_uid in study.series.items():
             assert roles[series_uid]["role"] == role, roles[series_uid]
@@ -62,7 +64,7 @@ def test_dicomnode_send_cli(node: NodeProcess, tmp_path: Path) -> None:
     study = write_study(volumes, affine, tmp_path / "study", vendor="philips", seed=5, roles=["T2", "FLAIR"])
     out = node.cli("send", str(tmp_path / "study"), "--to", f"{NODE_AET}@127.0.0.1:{node.port}", "--calling", "OPERATOR")
     assert f"sent {len(study.all_files())}/{len(study.all_files())}" in out.stdout
-    doc = node.wait_for(complete(study.study_instance_uid), timeout=30)
+    doc = node.wait_for(complete(study.study_instance_uid))
     roles = roles_of(doc, study.study_instance_uid)
     assert {roles[uid]["role"] for uid in study.series.values()} == {"T2", "FLAIR"}
     # a refused send is reported and exits non-zero

@@ -7,13 +7,14 @@ from pathlib import Path
 
 from pydicom.uid import generate_uid
 
-from nodeutil import REPO, NodeProcess, mr_dataset, store
+from nodeutil import RELEASE_COMPLETES, REPO, NodeProcess, mr_dataset, store
 
 
 def test_site_rule_overrides_the_heuristics(tmp_path: Path) -> None:
     rules = tmp_path / "rules.toml"
     rules.write_text('[[rule]]\nmatch = "series_description"\npattern = "(?i)^research_t2"\nrole = "OTHER"\n')
-    node = NodeProcess(tmp_path / "data", quiet_period_s=1, sequence_rules_file=str(rules)).start()
+    # completes on store()'s clean release: a 1 s quiet period could end inside a stalled association
+    node = NodeProcess(tmp_path / "data", sequence_rules_file=str(rules), **RELEASE_COMPLETES).start()
     try:
         study, overridden, plain = generate_uid(), generate_uid(), generate_uid()
         datasets = []
@@ -41,6 +42,6 @@ def test_bad_rules_file_stops_the_node_with_a_clear_message(tmp_path: Path) -> N
     rules.write_text('[[rule]]\nmatch = "series_description"\npattern = "("\nrole = "T9"\n')
     node = NodeProcess(tmp_path / "data", sequence_rules_file=str(rules))
     r = subprocess.run([sys.executable, "-m", "dicomnode", "serve"], env=node.env(), cwd=REPO,
-                       capture_output=True, text=True, timeout=60)
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 2
     assert "cannot start" in r.stderr and "rules.toml" in r.stderr and "Traceback" not in r.stderr

@@ -335,7 +335,7 @@ def _convert_dicom2nifti(series_dir: Path, out: Path) -> nib.Nifti1Image:
 def _convert_dcm2niix(series_dir: Path, out: Path) -> nib.Nifti1Image:
     _need(Path(DCM2NIIX).exists(), "dcm2niix not installed")
     proc = subprocess.run([DCM2NIIX, "-b", "n", "-z", "n", "-f", "conv", "-o", str(out), str(series_dir)],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     niis = sorted(out.glob("*.nii"))
     assert len(niis) == 1, (niis, proc.stdout)
@@ -390,7 +390,7 @@ def test_dciodvfy_reports_no_errors(tmp_path, vendor, enhanced):
     study = write_study(vols, aff, tmp_path, vendor=vendor, enhanced=enhanced)
     for role in ("T1CE", "FLAIR"):
         proc = subprocess.run([tool, "-new", str(study.files[role][0])], capture_output=True,
-                              text=True, timeout=60)
+                              text=True, timeout=300)
         report = proc.stdout + proc.stderr
         errors = [line for line in report.splitlines() if line.startswith("Error")]
         assert not errors, report

@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import ssl
-import time
 from pathlib import Path
 
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from nodeutil import MR, NODE_AET, NodeProcess, associate, mr_dataset
+from nodeutil import MR, NODE_AET, NodeProcess, associate, mr_dataset, wait_until
 
 
 def tls_associate(port: int, pki: Path, client_cert: bool):
@@ -49,12 +48,9 @@ def test_association_limit_rejects_the_extra_one(tmp_path: Path) -> None:
         c = associate(node.port)
         assert c.is_rejected
         a.release()
-        # the released association's thread ends asynchronously; a slot frees up shortly after
-        deadline = time.time() + 5
-        d = associate(node.port)
-        while not d.is_established and time.time() < deadline:
-            time.sleep(0.1)
-            d = associate(node.port)
+        # the released association's thread ends asynchronously; a slot frees up after it: poll for that
+        d = wait_until(lambda: (lambda x: x if x.is_established else None)(associate(node.port)), every=0.1,
+                       what="a free association slot after a release")
         assert d.is_established
         b.release()
         d.release()

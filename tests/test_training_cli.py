@@ -19,7 +19,7 @@ TINY = [
 ]
 
 
-def _cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess[str]:
+def _cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "training", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -181,7 +180,6 @@ def test_measurements_survive_the_cache(cohort: Path, specs, tmp_path: Path, mon
 def test_parallel_workers_give_the_same_bytes(cohort: Path, specs, tmp_path: Path) -> None:
     cases = read_dataset(cohort)[:3]
     spec = {"fs3dcnn": specs["fs3dcnn"]}
-    t0 = time.perf_counter()
     s = prepare_cases(cases, spec, tmp_path / "par", workers=2)
     assert s.count("prepared") == 3 and s.workers == 2, s.line()
     prepare_cases(cases, spec, tmp_path / "seq", workers=1)
@@ -189,7 +187,6 @@ def test_parallel_workers_give_the_same_bytes(cohort: Path, specs, tmp_path: Pat
     for c in cases:
         x, y = a.get(c), b.get(c)
         assert all(_same_bytes(x.arrays[r], y.arrays[r]) for r in x.arrays)
-    assert time.perf_counter() - t0 < 60
 
 
 def test_cli_prepare_then_training_reads_the_cache(cohort: Path, specs, tmp_path: Path,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -107,11 +106,14 @@ def test_every_row_trains_and_exports_a_checkpoint_the_node_loads(tiny_run, coho
 def test_rerun_resumes_finished_rows_without_training(tiny_run, cohort: Path) -> None:
     out, cfg, summary = tiny_run
     before = {p.name: p.stat().st_mtime_ns for p in (out / "checkpoints").glob("*.pt")}
-    t0 = time.perf_counter()
+    # "without training" shown by what a training run writes (its checkpoints and per-epoch logs), not by
+    # how long the rerun took (that was a speed assertion, which a loaded machine broke)
+    logs_before = {p: p.stat().st_mtime_ns for p in (out / "logs").rglob("*") if p.is_file()}
+    assert logs_before
     again = proto.run(cfg, data_dir=cohort, out_dir=out, options=RunOptions(repeats=1))
     assert again["table_markdown"] == summary["table_markdown"]
     assert {p.name: p.stat().st_mtime_ns for p in (out / "checkpoints").glob("*.pt")} == before
-    assert time.perf_counter() - t0 < 20
+    assert {p: p.stat().st_mtime_ns for p in (out / "logs").rglob("*") if p.is_file()} == logs_before
     # another config into the same folder is refused, not mixed
     other = load_config("promptnet", sets=TINY_SETS + ["train.lr=5e-4"])
     with pytest.raises(ConfigError, match="another config"):
