@@ -116,6 +116,9 @@ BUGS: list[tuple[str, bytes, str, str]] = [
      "undecodable-element"),
     # deflated: a private element of unknown VR "WW" declaring 22,359 bytes, deferred by the reader, so
     # neither the VR nor its length was looked at, and the end-of-parse check measured the compressed file
+    # a Sequence Delimitation Item (FFFE,E0DD) after the pixel data, outside any sequence
+    ("accepted-stray-delimiter", VALID_MR + b"\xfe\xff\xdd\xe0\x00\x00\x00\x00", _UNDECODABLE,
+     "undecodable-element"),
     ("accepted-deflated-deferred-unknown-vr",
      b"\x03\x191.2.840.10008.5.1.4.1.1.4\x071.2.3.4"
      + zlib.compress(_HEAD_MR + b"WWWWWW\x57\x57\x00\x00" + b"x" * 66, 9)[2:-4],

@@ -237,6 +237,8 @@ def _check_values(ds: Dataset) -> None:
     their extent is what the end-of-parse check covers.
     """
     for tag in list(ds.keys()):
+        if tag.group == 0xFFFE:  # an item or delimiter where an element belongs: no reader can decode it
+            raise Refused(CANNOT_UNDERSTAND, "item delimiter outside a sequence")
         raw = ds._dict[tag]
         if isinstance(raw, RawDataElement):
             if raw.VR is not None and raw.VR not in _KNOWN_VRS:
