@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import sqlite3
+import tempfile
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +34,7 @@ from nodeutil import MR, NodeProcess, associate, mr_dataset, store, wait_until
 
 from dicomnode.assemble.completion import Assembler
 from dicomnode.config import Settings
+from dicomnode.dicom.scp import StorageSCP
 from dicomnode.index.studies import Index
 from dicomnode.spool import Spool
 from dicomnode.dicom.status import (
@@ -284,3 +286,31 @@ def test_every_clean_release_brings_completion_forward(tmp_path: Path) -> None:
         assert set(completed(doc).values()) == {"association_released"}
     finally:
         node.stop()
+
+
+def test_the_listener_leaves_the_process_temp_folder_alone(tmp_path: Path) -> None:
+    """Data sets stream into the spool's tmp through the association's guard, not a process-wide tempfile.tempdir.
+
+    Setting tempfile.tempdir sent everything else in the process there too:
+    under a long pytest path, multiprocessing's forkserver socket then failed
+    with "AF_UNIX path too long" in a later test.
+    """
+    before = tempfile.gettempdir()
+    settings = Settings(data_dir=str(tmp_path / "data"), port=0, ae_title="TESTNODE", min_free_disk_mb=1)
+    index = Index(f"sqlite:///{tmp_path / 'index.db'}")
+    spool = Spool(settings.data_path)
+    scp = StorageSCP(settings, index, spool)
+    scp.start()
+    try:
+        assert tempfile.gettempdir() == before
+        ds = mr_dataset(generate_uid(), generate_uid(), rows=128, cols=128)
+        assoc = associate(scp.port)
+        assert assoc.is_established
+        send_fragments(assoc, {"sop_class": MR, "sop_instance": str(ds.SOPInstanceUID)}, encode(ds),
+                       complete=False, pdu=4096)
+        wait_until(lambda: list(spool.tmp.glob("*.dcm")), timeout=120, what="the stream in spool/tmp")
+        assoc.abort()
+        wait_until(lambda: not list(spool.tmp.glob("*.dcm")), timeout=120, what="spool/tmp empty")
+    finally:
+        scp.stop()
+        index.close()

@@ -25,7 +25,6 @@ import ipaddress
 import logging
 import socket
 import ssl
-import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -376,12 +375,12 @@ class StorageSCP:
         return ctx
 
     def start(self) -> None:
-        # pynetdicom streams each dataset into a file as it arrives (memory flat
-        # whatever the instance size): in our spool's tmp, so the commit renames
-        # within one filesystem. tempfile.tempdir is the knob pynetdicom's
-        # NamedTemporaryFile honours; this process is the node's own.
+        # Each data set streams into a file as it arrives (memory flat whatever
+        # the instance size), in our spool's tmp so the commit renames within
+        # one filesystem: the association's guard names that folder (not the
+        # process-wide tempfile.tempdir, which everything else in the process,
+        # multiprocessing's sockets included, would inherit).
         configure()
-        tempfile.tempdir = str(self.spool.tmp)
         s = self.settings
         if not s.allowed_peers:
             log.warning("allowed_peers is empty: accepting associations from ANY calling AE title; "
@@ -456,7 +455,8 @@ class StorageSCP:
         def refused(status: int, why: str) -> None:
             self._refuse(status, why, why, calling, address)
 
-        attach(assoc, ReceiveGuard(self.settings.min_free_disk_mb * 1024 * 1024, self.spool.free_bytes, refused))
+        attach(assoc, ReceiveGuard(self.settings.min_free_disk_mb * 1024 * 1024, self.spool.free_bytes, refused,
+                                   tmp_dir=self.spool.tmp))
 
     def _on_store(self, event: Any) -> Any:
         req = event.request

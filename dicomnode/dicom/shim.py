@@ -161,7 +161,7 @@ def configure() -> None:
     """Set pynetdicom's process-wide switches (idempotent; the listener and every sender call it).
 
     - ``STORE_RECV_CHUNKED_DATASET``: a received dataset is streamed into a
-      file in ``tempfile.tempdir`` (the spool's ``tmp``) as its PDUs arrive,
+      file in the spool's ``tmp`` (the association's guard names it) as its PDUs arrive,
       so the listener's memory does not grow with instance size and the
       handler gets a path, not a decoded dataset (the node never decodes
       pixel data on the way in).
@@ -658,12 +658,13 @@ def _open_dataset_file(message: DIMSEMessage, context_id: int, assoc: Associatio
     assert assoc is not None
     guard = guard_of(assoc)
     try:
-        message._data_set_file = NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm")  # noqa: SIM115
+        message._data_set_file = NamedTemporaryFile(  # noqa: SIM115
+            delete=False, mode="wb", suffix=".dcm", dir=guard.tmp_dir if guard is not None else None)
     except OSError:
         if guard is None:
             raise
         # not even an empty file fits: the data set is read into a sink and answered 0xA700
-        sink = Sink(str(Path(gettempdir()) / f"unwritable-{uuid.uuid4().hex}.dcm"))
+        sink = Sink(str(Path(guard.tmp_dir or gettempdir()) / f"unwritable-{uuid.uuid4().hex}.dcm"))
         message._data_set_path = Path(sink.name)
         message._data_set_file = guard.opened(message._data_set_path, sink)
         guard.mark_failed(message._data_set_path, "node cannot create a file in its spool")

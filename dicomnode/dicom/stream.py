@@ -77,6 +77,7 @@ class ReceiveGuard:
     free_bytes: Callable[[], int]
     # status, PHI-free reason: the listener records an event and a WARNING line
     refused: Callable[[int, str], None]
+    tmp_dir: Path | None = None  # where data sets stream to (the spool's tmp); None: the process's temp folder
     streams: dict[Path, Stream] = field(default_factory=dict)
     failed: dict[Path, str] = field(default_factory=dict)  # path -> why it could not be written
     lock: threading.Lock = field(default_factory=threading.Lock)
