@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from nodeutil import MR, NODE_AET, NodeProcess
+from nodeutil import MR, NODE_AET, NodeProcess, wait_until
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
@@ -83,14 +83,6 @@ def echo(port: int, calling: str = "NEWPEER") -> tuple[Any, int | None]:
     status = int(assoc.send_c_echo().Status)
     assoc.release()
     return assoc, status
-
-
-def wait_until(predicate: Any, bound_s: float, what: str) -> None:
-    deadline = time.monotonic() + bound_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {bound_s} s: {what}")
-        time.sleep(0.1)
 
 
 def events(node: NodeProcess) -> list[dict[str, Any]]:
@@ -163,7 +155,7 @@ def test_one_peer_cannot_take_every_slot(tmp_path: Path) -> None:
         assert sum("(max_associations)" in m and "'OTHER3'" in m for m in rejected) == 1
         # a slot comes back when its association ends
         held[-1].release()
-        wait_until(lambda: echo(port, "OTHER3")[1] == 0, 60, "a released slot is taken again")
+        wait_until(lambda: echo(port, "OTHER3")[1] == 0, 300, what="a released slot is taken again")
     finally:
         for a in held:
             if a.is_established:
@@ -177,10 +169,10 @@ def test_stalled_association_dropped_after_stall_timeout_and_its_file_removed(tm
         a = peer(node.port, "SLOWPOKE")
         assert a.is_established
         stall(a)
-        wait_until(lambda: not a.is_established, 60, "the node aborts the stalled association")
+        wait_until(lambda: not a.is_established, 300, what="the node aborts the stalled association")
         assert a.is_aborted
         tmp = node.data_dir / "spool" / "tmp"
-        wait_until(lambda: not list(tmp.glob("*.dcm")), 30, "its partial data set file is removed")
+        wait_until(lambda: not list(tmp.glob("*.dcm")), 300, what="its partial data set file is removed")
         aborted = [e["message"] for e in events(node) if e["kind"] == "association_aborted"]
         assert any("stalled peer" in m and "'SLOWPOKE'" in m for m in aborted), aborted
         assert echo(node.port)[1] == 0
@@ -192,7 +184,7 @@ def test_idle_socket_closed_after_artim(tmp_path: Path) -> None:
     node = NodeProcess(tmp_path / "data", serve_worker="none", artim_timeout_s=1).start()
     try:
         s = socket.create_connection(("127.0.0.1", node.port))
-        wait_until(lambda: not is_open(s), 60, "a connection without A-ASSOCIATE-RQ is closed after ARTIM")
+        wait_until(lambda: not is_open(s), 300, what="a connection without A-ASSOCIATE-RQ is closed after ARTIM")
         s.close()
         assert echo(node.port)[1] == 0
     finally:
