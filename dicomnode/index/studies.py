@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import and_, bindparam, func, insert, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -30,6 +30,9 @@ from dicomnode.index.schema import (COMPLETE, RECEIVING, EventRow, Instance, Own
 from dicomnode.logs import uid_tag
 
 log = logging.getLogger(__name__)
+
+# An instance joined to the version it arrived in (whose ``purged_at`` says whether its file is kept).
+_ARRIVED_IN = and_(StudyVersion.study_id == Instance.study_id, StudyVersion.version == Instance.version)
 
 # Statements of the per-instance hot path, built once (SQLAlchemy caches their compilation).
 _KNOWN_SOP = select(Instance.id).where(Instance.sop_instance_uid == bindparam("uid"))
@@ -411,28 +414,53 @@ class Index:
                     )
                 )
             roles = sorted(a["role"] for a in assignments.values() if a["status"] == "selected")
+            # earlier versions' instances whose files retention purged are not part of this version's input
+            purged = int(s.scalar(
+                select(func.count(Instance.id))
+                .join(StudyVersion, _ARRIVED_IN)
+                .where(Instance.study_id == due.study_id, Instance.version < due.version,
+                       StudyVersion.purged_at.is_not(None))
+            ) or 0)
+            note = f"; {purged} earlier instance(s) purged by retention, not in this version" if purged else ""
             s.add(
                 EventRow(
                     at=now,
                     kind="version_complete",
                     study_id=due.study_id,
                     version_id=due.version_id,
-                    message=f"study {due.study_id} version {due.version} complete ({due.reason}); roles: {', '.join(roles) or 'none'}",
-                    detail={"reason": due.reason, "roles": roles},
+                    message=f"study {due.study_id} version {due.version} complete ({due.reason}); "
+                            f"roles: {', '.join(roles) or 'none'}{note}",
+                    detail={"reason": due.reason, "roles": roles, **({"purged_instances": purged} if purged else {})},
                 )
             )
             return True
 
     def version_files(self, study_id: int, version: int) -> list[StoredFile]:
-        """Every instance a version covers: it is processed as a whole, earlier arrivals included."""
+        """Every instance a version covers whose file is still kept: it is processed as a whole.
+
+        Earlier arrivals are included, except those of versions that retention
+        purged (``study_versions.purged_at``; docs/retention.md): a late series
+        after a purge opens a version that is processed with what the node
+        still has, and never asks for a file that is gone.
+        """
         with self.session() as s:
             rows = s.execute(
                 select(Series.series_instance_uid, Instance.sop_class_uid, Instance.path, Instance.gradable)
                 .join(Series, Series.id == Instance.series_id)
-                .where(Instance.study_id == study_id, Instance.version <= version)
+                .join(StudyVersion, _ARRIVED_IN)
+                .where(Instance.study_id == study_id, Instance.version <= version, StudyVersion.purged_at.is_(None))
                 .order_by(Instance.id)
             ).all()
         return [StoredFile(*r) for r in rows]
+
+    def purged_instances(self, study_id: int, version: int) -> int:
+        """How many instances a version covers whose files retention purged (they are not in its input)."""
+        with self.session() as s:
+            return int(s.scalar(
+                select(func.count(Instance.id))
+                .join(StudyVersion, _ARRIVED_IN)
+                .where(Instance.study_id == study_id, Instance.version <= version, StudyVersion.purged_at.is_not(None))
+            ) or 0)
 
     def _versions(self, *where: Any) -> list[VersionInfo]:
         with self.session() as s:
@@ -453,7 +481,11 @@ class Index:
         return self._versions(StudyVersion.state == COMPLETE)
 
     def version_inputs(self, version_id: int) -> list[VersionInput]:
-        """Every series of a completed version with its role; instances up to and including that version."""
+        """Every series of a completed version with its role; instances up to and including that version.
+
+        Instances whose files retention purged are left out (see :meth:`version_files`), and so is a series
+        left with none.
+        """
         info = self.version_info(version_id)
         if info is None:
             return []
@@ -469,9 +501,13 @@ class Index:
             for role, status, reason, series_id, uid, number, desc in series:
                 inst = s.execute(
                     select(Instance.path, Instance.sop_class_uid, Instance.sop_instance_uid)
-                    .where(Instance.series_id == series_id, Instance.version <= info.version)
+                    .join(StudyVersion, _ARRIVED_IN)
+                    .where(Instance.series_id == series_id, Instance.version <= info.version,
+                           StudyVersion.purged_at.is_(None))
                     .order_by(Instance.id)
                 ).all()
+                if not inst:  # every file of the series purged: nothing of it to convert or cite
+                    continue
                 out.append(VersionInput(role, status, reason, uid, number, desc, tuple(tuple(r) for r in inst)))
         return out
 
@@ -502,12 +538,22 @@ class Index:
                 versions = s.scalars(
                     select(StudyVersion).where(StudyVersion.study_id == st.id).order_by(StudyVersion.version)
                 ).all()
+                any_purged = any(v.purged_at is not None for v in versions)
                 out_versions = []
                 for v in versions:
                     roles = {
                         vs.series_id: vs
                         for vs in s.scalars(select(VersionSeries).where(VersionSeries.version_id == v.id)).all()
                     }
+                    purged_counts = dict(
+                        s.execute(
+                            select(Instance.series_id, func.count(Instance.id))
+                            .join(StudyVersion, _ARRIVED_IN)
+                            .where(Instance.study_id == st.id, Instance.version <= v.version,
+                                   StudyVersion.purged_at.is_not(None))
+                            .group_by(Instance.series_id)
+                        ).all()
+                    ) if any_purged else {}
                     per_version_counts = dict(
                         s.execute(
                             select(Instance.series_id, func.count(Instance.id))
@@ -527,6 +573,7 @@ class Index:
                                 "modality": se.modality,
                                 "description": se.series_description,
                                 "instances": per_version_counts[se.id],
+                                "instances_purged": purged_counts.get(se.id, 0),
                                 "role": vs.role if vs else None,
                                 "status": vs.status if vs else None,
                                 "reason": vs.reason if vs else None,
@@ -544,6 +591,9 @@ class Index:
                             "completed_at": _iso(v.completed_at),
                             "complete_reason": v.complete_reason,
                             "new_instances": v.new_instances,
+                            # retention (docs/retention.md): when this version's files went; the rows stay
+                            "purged_at": _iso(v.purged_at),
+                            "instances_purged": sum(purged_counts.values()),
                             "series": out_series,
                         }
                     )
