@@ -117,13 +117,15 @@ class KeySlice:
     grid_index: int | None = None  # the slice on the prepared case's grid (along its slice axis): the summary shows it
 
 
-# Names a reader knows the families by (the report and "cannot grade" sentences); the family's
-# code name is used for any family not listed.
+# Names a reader knows the families by: everything a person reads (the summary image, the SR's text
+# values, the terminal and HTML views, "cannot grade" sentences) says these, never the code name or the
+# paper's seed label; the code name stays where identifiers go (algorithm identification, tracking
+# identifiers, status JSON). The family's code name is used for any family not listed.
 FAMILY_TITLES: dict[str, str] = {
     "fs3dcnn": "Full-sequence 3D CNN",
-    "promptnet": "Adaptive PromptNet (contrast-free)",
-    "crossmodal": "Cross-modality guidance network",
-    "mmdlm": "MMDLM (multi-task slice model)",
+    "promptnet": "Adaptive PromptNet (non-contrast)",
+    "crossmodal": "Cross-modality attention",
+    "mmdlm": "MMDLM",
 }
 
 
@@ -189,6 +191,9 @@ class Declined:
     measurements: dict[str, float] = field(default_factory=dict)
     prepared_case: str | None = None
     quality_flags: list[str] = field(default_factory=list)
+    # the checkpoint's training-data description: a model trained on synthetic data says so on the
+    # summary even when it graded nothing (results written before this field load with {})
+    training_data: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _require(bool(self.reasons), f"{self.family}: a declined model needs at least one reason")

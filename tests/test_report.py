@@ -5,6 +5,7 @@ import dataclasses
 import datetime as dt
 import io
 import logging
+import re
 import shutil
 import subprocess
 import threading
@@ -286,7 +287,9 @@ def test_promptnet_sr_without_t1ce(promptnet_result, study, tmp_path):
     assert "checkpoint promptnet-2026.ckpt sha256:" + SHA_A in dump
     assert '"Missing inputs")="T1CE"' in dump
     assert "bias field strong in FLAIR" in dump
-    assert "held-out test (n=74): auc 0.91" in dump and "BraTS2020" in dump
+    assert "held-out test: AUC 0.91, sens 0.90, spec 0.80, n=74" in dump and "BraTS2020" in dump
+    # the synthetic-training warning sits beside the disclaimer (the fixture's checkpoint says synthetic)
+    assert '"Training data")="Trained on SYNTHETIC data - not for clinical use"' in dump
 
     ds = pydicom.dcmread(sr_path)
     src = pydicom.dcmread(study.files["T2"][0], stop_before_pixels=True)
@@ -314,8 +317,8 @@ def test_mmdlm_sr_findings_probabilities_and_key_slices(mmdlm_result, study, tmp
     dump = dsrdump(path)
     for needle in ('(772292003,SCT,"High grade glioma")', '(IDHMUT,99DCMNODE,"IDH-mutant")',
                    '(1P19QCODEL,99DCMNODE,"1p/19q co-deleted")', '"Histologic grade"', '"IDH mutation status"',
-                   '"0.875"', '"0.7"', '"0.65"', '(12738006,SCT,"Brain")', "mmdlm runs on T1CE+T2+FLAIR",
-                   "promptnet does not run: T1CE is present.", "fewer than the model's 24",
+                   '"0.875"', '"0.7"', '"0.65"', '(12738006,SCT,"Brain")', "MMDLM runs on T1CE+T2+FLAIR",
+                   "Adaptive PromptNet (non-contrast) does not run: T1CE is present.", "fewer than the model's 24",
                    '(111001,DCM,"Algorithm Name")', '(111003,DCM,"Algorithm Version")'):
         assert needle in dump, needle
     assert dump.count('"Measurement Group"') == 3  # one per task
@@ -345,7 +348,7 @@ def test_cannot_grade_sr_says_why_without_a_finding(cannot_grade_result, tmp_pat
     assert '"Finding"' not in dump and '"Probability"' not in dump
     assert "No model can grade this study: T1, T1CE and FLAIR are missing." in dump
     assert '"Missing inputs")="T1, T1CE, FLAIR"' in dump
-    assert "promptnet does not run: it needs T1+T2+FLAIR" in dump
+    assert "Adaptive PromptNet (non-contrast) does not run: it needs T1+T2+FLAIR" in dump
     assert "Research use only. Not for diagnostic use." in dump
     text = describe(paths[0])
     assert "CANNOT GRADE: No model can grade this study" in text
@@ -364,8 +367,8 @@ def test_sr_carries_measurements_declined_models_and_the_loosened_gate(gated_res
                    # the declined model: each reason as TEXT (Latin-1: the en dash becomes "-") ...
                    '"Input gate finding")="slice thickness (T2) 5.5 mm; this model was trained on 1.0-1.0 mm"',
                    '"Input gate finding")="brain volume 1,548 ml; this model was trained on 1,100-1,400 ml"',
-                   "MMDLM (multi-task slice model) (mmdlm) did not grade this study",
-                   '"Model path and reason")="mmdlm: selected, then declined by the input gate. mmdlm runs on'):
+                   "MMDLM did not grade this study",
+                   '"Model path and reason")="MMDLM: selected, then declined by the input gate. MMDLM runs on'):
         assert needle in dump, needle
     groups = _groups(path)
     assert set(groups) == {"promptnet grade", "promptnet input measurements", "mmdlm declined"}
@@ -381,8 +384,9 @@ def test_sr_carries_measurements_declined_models_and_the_loosened_gate(gated_res
     found = [g.finding_type.meaning for g in parsed.content.get_image_measurement_groups() if g.finding_type]
     assert found == ["Low grade glioma"]  # the declined model contributes no finding
     text = describe(path)
-    assert "* mmdlm declined: NOT GRADED (declined by the input gate)" in text
-    assert "Brain volume: 1548.4 ml" in text and "mmdlm" not in text.split("* mmdlm declined")[0].split("promptnet grade")[1]
+    assert "* MMDLM: not graded (declined by the input gate)" in text
+    graded = text.split("* MMDLM: not graded")[0].split("* Adaptive PromptNet (non-contrast)")[1]
+    assert "Brain volume: 1548.4 ml" in graded and "MMDLM" not in graded
     # the declined checkpoint counts for the report's identity: the same question under another gate setting
     # is answered in the same object
     graded_too = dataclasses.replace(gated_result, declined=[], results=[*gated_result.results, dataclasses.replace(
@@ -396,7 +400,7 @@ def test_cannot_grade_because_every_model_was_declined(all_declined_result, tmp_
         assert_valid(p)
     dump = dsrdump(paths[0])
     assert '"Finding"' not in dump and '"Probability"' not in dump
-    assert ('"Cannot grade")="No model could grade this study. MMDLM (multi-task slice model): slice thickness (T2) '
+    assert ('"Cannot grade")="No model could grade this study. MMDLM: slice thickness (T2) '
             '5.5 mm; this model was trained on 1.0-1.0 mm; brain volume 1,548 ml; this model was trained on '
             '1,100-1,400 ml."') in dump
     assert 'NUM:(SLICETHICK-T2,99DCMNODE,"Slice thickness (T2)")="5.5"' in dump
@@ -552,7 +556,7 @@ def test_a_failed_summary_leaves_the_previous_report_and_no_temporary_files(mmdl
 
 # --------------------------------------------------------------------------- summary image
 def test_summary_image_is_valid_rgb_secondary_capture(mmdlm_result, study, tmp_path):
-    sc = build_summary(mmdlm_result, algorithm_version=VERSION, when=WHEN)
+    (sc,) = build_summary(mmdlm_result, algorithm_version=VERSION, when=WHEN)  # it fits on one image
     path = tmp_path / "summary.dcm"
     sc.save_as(path, enforce_file_format=True)
     assert_valid(path)
@@ -601,12 +605,14 @@ def _prepared_cases(out: Path) -> tuple[Path, Path, int]:
 
 def _inside(result: VersionResult, panel) -> None:
     """Every piece of text drawn on the page lies inside it, and the slice's box too."""
-    page = layout(result, panel, algorithm_version=VERSION)
-    assert page.texts
-    for t in page.texts:
-        x0, y0, x1, y1 = t.box()
-        assert x0 >= 0 and y0 >= 0 and x1 <= WIDTH and y1 <= HEIGHT, (t.text, (x0, y0, x1, y1))
-    left, bottom, width, height = page.frame
+    pages = layout(result, panel, algorithm_version=VERSION)
+    assert pages and pages[0].frame is not None
+    for page in pages:
+        assert page.texts
+        for t in page.texts:
+            x0, y0, x1, y1 = t.box()
+            assert x0 >= 0 and y0 >= 0 and x1 <= WIDTH and y1 <= HEIGHT, (t.text, (x0, y0, x1, y1))
+    left, bottom, width, height = pages[0].frame
     assert 0 <= left and 0 <= bottom and left + width <= 1 and bottom + height <= 1
 
 
@@ -619,7 +625,8 @@ def test_summary_shows_what_the_model_saw(gated_result, mmdlm_result, tmp_path):
                                                                             prepared_case=str(volume))],
                                  declined=[declined(prepared=str(slices))])
     panel = choose_panel(result)
-    assert panel is not None and "as promptnet saw it (template grid" in panel.caption and not panel.key
+    assert panel is not None and "as Adaptive PromptNet (non-contrast) saw it (template grid" in panel.caption
+    assert not panel.key
     assert panel.pixels.shape == (40, 40)
     assert [(colour, label) for _, colour, label in panel.outlines] == [(MASK_COLOUR, "brain mask"),
                                                                        (TEMPLATE_COLOUR, "template brain")]
@@ -627,7 +634,7 @@ def test_summary_shows_what_the_model_saw(gated_result, mmdlm_result, tmp_path):
     assert panel.steps[:2] == ["reorient to RAS", "resample to 5.0x5.0x5.0 mm (grid 40x40x26)"]
     assert any(line.startswith("brain mask (nonzero): ") for line in panel.steps)
     _inside(result, panel)
-    ds = build_summary(result, algorithm_version=VERSION, when=WHEN)
+    (ds,) = build_summary(result, algorithm_version=VERSION, when=WHEN)
     path = tmp_path / "summary.dcm"
     ds.save_as(path, enforce_file_format=True)
     assert_valid(path)
@@ -638,7 +645,7 @@ def test_summary_shows_what_the_model_saw(gated_result, mmdlm_result, tmp_path):
     assert cyan.sum() > 100 and magenta.sum() > 100
     joined = " ".join(t for _, t in summary_lines(result))
     assert "not graded: slice thickness (T2) 5.5 mm" in joined and LOOSENED in joined
-    assert "DECLINED by the gate: mmdlm runs on" in joined and "RAN: mmdlm" not in joined
+    assert "DECLINED by the gate: MMDLM runs on" in joined and "RAN: MMDLM" not in joined
     assert joined.count("Grade:") == 1  # promptnet's; the declined MMDLM shows no grade
     # the key slice of a slice model, from its prepared bag, with the brain-mask outline
     t2 = next(s for s in mmdlm_result.inputs if s.role == "T2")
@@ -646,7 +653,7 @@ def test_summary_shows_what_the_model_saw(gated_result, mmdlm_result, tmp_path):
     mm = dataclasses.replace(mmdlm_result, results=[dataclasses.replace(mmdlm_result.results[0], key_slices=[key],
                                                                         prepared_case=str(slices))])
     panel = choose_panel(mm)
-    assert panel is not None and panel.key and panel.caption == "Key slice (T2) as mmdlm saw it, attention 0.41"
+    assert panel is not None and panel.key and panel.caption == "Key slice (T2) as MMDLM saw it, attention 0.41"
     assert panel.pixels.shape == (32, 32) and [label for _, _, label in panel.outlines] == ["brain mask"]
     assert panel.steps[-1] == "slices: 12 of a bag of 12 (axis 2)"
     _inside(mm, panel)
@@ -654,7 +661,7 @@ def test_summary_shows_what_the_model_saw(gated_result, mmdlm_result, tmp_path):
     only = dataclasses.replace(gated_result, results=[], declined=[declined(prepared=str(volume))],
                                cannot_grade="No model could grade this study.")
     panel = choose_panel(only)
-    assert panel is not None and "as mmdlm saw it" in panel.caption
+    assert panel is not None and "as MMDLM saw it" in panel.caption
     assert "Grade:" not in " ".join(t for _, t in summary_lines(only))
     _inside(only, panel)
     # a case file that is gone: the source series, as before
@@ -715,21 +722,61 @@ def test_enhanced_mr_key_slice_frames(enhanced_study, tmp_path):
 
 # --------------------------------------------------------------------------- views, safety
 def test_describe_and_html(mmdlm_result, tmp_path):
+    """Terminal and HTML views: disclaimer and warning first, each model once by its plain name, key slices once."""
     sr_path = write_reports(mmdlm_result, tmp_path, algorithm_version=VERSION, when=WHEN, summary_image=False)[0]
+    keys = [k.ref.sop_instance_uid for k in mmdlm_result.results[0].key_slices]
+    # the SR itself: every task group references the key slices as IMAGE sources, their TEXT lines are written once
+    sr = pydicom.dcmread(sr_path)
+    key_texts = [i.TextValue for _, i in _items(sr) if i.ValueType == "TEXT"
+                 and i.ConceptNameCodeSequence[0].CodeValue == "KEYSLICE"]
+    assert len(key_texts) == len(keys) == 2
+    images = [i for _, i in _items(sr) if i.ValueType == "IMAGE"]
+    assert len(images) == 3 * len(keys)  # grade, IDH, 1p/19q
     text = describe(sr_path)
-    assert text.splitlines()[1].startswith("!! Research use only. Not for diagnostic use.")
-    assert "* mmdlm grade: High grade glioma (SCT 772292003), probability 0.875" in text
-    assert "* mmdlm IDH: IDH-mutant (99DCMNODE IDHMUT), probability 0.7" in text
-    assert "Model path and reason: mmdlm runs on T1CE+T2+FLAIR" in text
+    lines = text.splitlines()
+    assert lines[1].startswith("!! Research use only. Not for diagnostic use.")
+    assert lines[2] == "!! Trained on SYNTHETIC data - not for clinical use"
+    assert "* MMDLM  (checkpoint mmdlm-2026.ckpt sha256:" + SHA_A + ")" in lines
+    assert "    grade: High grade glioma (SCT 772292003), probability 0.875" in lines
+    assert "    IDH: IDH-mutant (99DCMNODE IDHMUT), probability 0.7" in lines
+    assert "    Model path and reason: MMDLM runs on T1CE+T2+FLAIR." in lines
     assert "P(LGG) = 0.125, P(HGG) = 0.875" in text
-    from dicomnode.stages.report.render import _fallback_html
+    assert text.count("Key slices (2):") == 1
+    for uid in keys:
+        assert text.count(uid) == 1, uid  # once, not once per task
+    assert text.count("Model path and reason: MMDLM runs on") == 1
+    assert not re.search(r"(?<![\w./'-])mmdlm(?![\w/'-]|\.\w)", text)  # the code name only inside identifiers
+    assert "seed 002" not in text
 
-    fallback = _fallback_html(sr_path)  # what a host without dcmtk gets
-    assert "High grade glioma" in fallback and "Research use only" in fallback and "<script" not in fallback
     html_path = render_html(sr_path, tmp_path / "sr.html")
-    need(Path("/usr/bin/dsr2html").exists(), "dcmtk dsr2html not installed")
-    page = html_path.read_text(errors="replace")
-    assert "<html" in page.lower() and "High grade glioma" in page and "Research use only" in page
+    page = html_path.read_text()
+    assert page.startswith("<!DOCTYPE html>") and "<script" not in page
+    body = page[page.index("<body>"):]
+    assert body.index("Research use only") < body.index("Trained on SYNTHETIC data") < body.index("<h2>MMDLM</h2>")
+    # values in their own cells, not run together after the concept name
+    assert ("<td>grade</td><td><strong>High grade glioma (SCT 772292003)</strong></td><td>0.875</td>"
+            "<td>P(LGG) = 0.125, P(HGG) = 0.875 (calibrated)</td>") in page
+    summary = body[:body.index("<details>")]
+    for uid in keys:
+        assert summary.count(uid) == 1, uid
+    assert summary.count("<dt>Key slices</dt>") == 1
+    # dcmtk's reference renderer still accepts the SR
+    done = subprocess.run([dcmtk_tool("dsr2html"), str(sr_path), str(tmp_path / "dcmtk.html")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "High grade glioma" in (tmp_path / "dcmtk.html").read_text(errors="replace")
+
+
+def _items(ds) -> list:
+    """Every content item of an SR (depth, item), in tree order."""
+    out = []
+
+    def walk(items, depth):
+        for item in items:
+            out.append((depth, item))
+            walk(item.get("ContentSequence", []), depth + 1)
+
+    walk(ds.ContentSequence, 0)
+    return out
 
 
 def test_refuses_a_source_file_from_another_study(mmdlm_result, enhanced_study):

@@ -439,7 +439,7 @@ def _declined(run: PreparedRun, info_ck: CheckpointInfo, reasons: list[Any], sta
     return Declined(family=family.name, paper=family.paper, checkpoint_name=info_ck.path.name,
                     checkpoint_sha256=info_ck.sha256, input_roles=list(info_ck.input_roles), reasons=list(reasons),
                     stage=stage, measurements=dict(run.measurements), prepared_case=run.case,
-                    quality_flags=list(flags))
+                    quality_flags=list(flags), training_data=dict(info_ck.training_data))
 
 
 def run(ctx: StageContext, info: VersionInfo) -> dict[str, Any]:

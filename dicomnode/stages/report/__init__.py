@@ -5,10 +5,10 @@ Public API::
     build_sr(result, *, algorithm_version, manufacturer="dicomnode", when=None, uid_prefix=None)
         -> highdicom.sr.Comprehensive3DSR
     build_summary(result, *, algorithm_version, manufacturer="dicomnode", when=None, uid_prefix=None)
-        -> highdicom.sc.SCImage (a pydicom Dataset)
+        -> [highdicom.sc.SCImage (a pydicom Dataset)], one per image of the summary (usually one)
     report_uids(result, *, prefix=None) -> {"sr_series", "sr_sop", "sc_series", "sc_sop"}
     write_reports(result, out_dir, *, algorithm_version, summary_image=True, manufacturer="dicomnode",
-                  when=None, uid_prefix=None) -> [out_dir/"sr.dcm", out_dir/"summary.dcm"]
+                  when=None, uid_prefix=None) -> [out_dir/"sr.dcm", out_dir/"summary.dcm", (summary-2.dcm ...)]
     timed_write_reports(...same...) -> (paths, {"sr", "summary", "write"} seconds)
     describe(sr_path) -> str; render_html(sr_path, out_html) -> Path; summary_png(summary_dcm, out_png) -> Path
     warm(ctx) -> None (the runtime calls it once per worker, in a background thread)
@@ -57,6 +57,17 @@ log = logging.getLogger(__name__)
 
 SR_FILE = "sr.dcm"
 SUMMARY_FILE = "summary.dcm"
+
+
+def summary_file(number: int) -> str:
+    """File name of image ``number`` (1-based) of the summary: ``summary.dcm``, then ``summary-2.dcm`` ..."""
+    return SUMMARY_FILE if number == 1 else f"summary-{number}.dcm"
+
+
+def _summary_files(out_dir: Path) -> list[Path]:
+    """Every summary image file in ``out_dir`` (stale continuation images included)."""
+    return sorted(p for p in out_dir.glob("summary*.dcm")
+                  if p.name == SUMMARY_FILE or (p.name[8:-4].isdigit() and p.name.startswith("summary-")))
 
 
 def _encode(ds: Dataset) -> bytes:
@@ -135,9 +146,9 @@ def timed_write_reports(result: VersionResult, out_dir: Path, *, algorithm_versi
         staged.append(_Staged(_encode(sr), out_dir / SR_FILE))  # on disk while the summary is drawn
         lap("write")
         if summary_image:
-            sc = summary_from_example(result, example, choose_panel(result), **kw)
+            pages = summary_from_example(result, example, choose_panel(result), **kw)
             lap("summary")
-            staged.append(_Staged(_encode(sc), out_dir / SUMMARY_FILE))
+            staged += [_Staged(_encode(sc), out_dir / summary_file(k)) for k, sc in enumerate(pages, start=1)]
         for s in staged:
             s.wait()
         for s in staged:
@@ -146,8 +157,10 @@ def timed_write_reports(result: VersionResult, out_dir: Path, *, algorithm_versi
     finally:
         for s in staged:
             s.discard()
-    if not summary_image:
-        (out_dir / SUMMARY_FILE).unlink(missing_ok=True)
+    written = {s.path for s in staged}
+    for stale in _summary_files(out_dir):  # no summary asked for, or fewer images than last time
+        if stale not in written:
+            stale.unlink(missing_ok=True)
     lap("write")
     log.info("wrote %d report object(s) (%s) for study %s version %s in %.2f s (SR %.2f s, summary %.2f s, "
              "writes %.2f s)", len(staged), outcome(result), result.study_id, result.version, sum(seconds.values()),
@@ -158,14 +171,16 @@ def timed_write_reports(result: VersionResult, out_dir: Path, *, algorithm_versi
 def write_reports(result: VersionResult, out_dir: Path, *, algorithm_version: str, summary_image: bool = True,
                   manufacturer: str = "dicomnode", when: _dt.datetime | None = None,
                   uid_prefix: str | None = None) -> list[Path]:
-    """Write ``sr.dcm`` (and ``summary.dcm``) into ``out_dir``; same input and ``when`` -> same bytes.
+    """Write ``sr.dcm`` and the summary image(s) into ``out_dir``; same input and ``when``, same bytes.
 
-    Both objects are built (and on disk under temporary names) before either
+    The summary is ``summary.dcm``, followed by ``summary-2.dcm``... when its
+    text needs more than one image (:func:`summary_file`). Every object is built (and on disk under temporary names) before any
     final name changes, so a failure leaves the previous files (if any)
     untouched rather than a new SR beside an old summary; each lands by an
-    atomic rename after its fsync, then the directory is fsynced. A stale
-    ``summary.dcm`` is removed when ``summary_image`` is off, so the
-    directory always holds exactly what this call returned.
+    atomic rename after its fsync, then the directory is fsynced. Stale
+    summary images (``summary_image`` off, or fewer images than a previous
+    run) are removed, so the directory always holds exactly what this call
+    returned.
     """
     return timed_write_reports(result, out_dir, algorithm_version=algorithm_version, summary_image=summary_image,
                                manufacturer=manufacturer, when=when, uid_prefix=uid_prefix)[0]
@@ -199,7 +214,9 @@ def _warm_inputs() -> tuple[VersionResult, Dataset, Panel]:
     model = ModelResult(family="mmdlm", paper="warm", checkpoint_name="warm.ckpt", checkpoint_sha256="0" * 64,
                         checkpoint_created="2000-01-01T00:00:00Z", input_roles=["T2"], reason="warming up",
                         tasks=[task], key_slices=[KeySlice("T2", 0.5, refs[2], grid_index=2)],
-                        measurements={"brain_volume_ml": 1400.0}, feature_distance=1.0, feature_threshold=2.0)
+                        measurements={"brain_volume_ml": 1400.0}, feature_distance=1.0, feature_threshold=2.0,
+                        training_data={"description": "synthetic warm-up"},
+                        metrics={"test": {"grade": {"auc": 0.5, "n": 2}}})
     declined = Declined(family="fs3dcnn", paper="warm", checkpoint_name="warm2.ckpt", checkpoint_sha256="1" * 64,
                         input_roles=["T2"], reasons=[GateReason("slices/T2", 4.0, "1", 10.0, None, "too few slices")])
     result = VersionResult(
@@ -238,13 +255,25 @@ def warm(ctx: StageContext | None) -> None:
     result, example, panel = _warm_inputs()
     when = _dt.datetime(2000, 1, 1)
     sr = sr_from_example(result, example, algorithm_version="warm", when=when)
-    sc = summary_from_example(result, example, panel, algorithm_version="warm", when=when)
-    for ds in (sr, sc):
+    pages = summary_from_example(result, example, panel, algorithm_version="warm", when=when)
+    for ds in (sr, *pages):
         _encode(ds)
-    del result, example, panel, sr, sc
+    del result, example, panel, sr, pages
     gc.collect()
     gc.freeze()
     log.debug("report stage warmed in %.2f s", time.perf_counter() - t0)
+
+
+def _purged_flag(n: int) -> list[str]:
+    """Why a late version may read worse than the one it supersedes: retention removed the earlier arrivals.
+
+    A series that arrives after an earlier version was delivered and purged (docs/retention.md) opens a
+    version graded on what arrived since; its SR supersedes the earlier one, so it must say so.
+    """
+    if n <= 0:
+        return []
+    return [f"{n} earlier instance(s) of this study were removed by retention after an earlier report was "
+            f"delivered; this version was read from the instances received since"]
 
 
 def run(ctx: StageContext, info: VersionInfo) -> dict[str, Any]:
@@ -255,19 +284,20 @@ def run(ctx: StageContext, info: VersionInfo) -> dict[str, Any]:
         result,
         timings={stage: v.get("seconds") or 0.0 for stage, v in ctx.jobs.of_version(info.version_id).items()
                  if stage in ("convert", "preprocess", "infer")},
-        supersedes=ctx.reports.previous(info.study_id, info.version))
+        supersedes=ctx.reports.previous(info.study_id, info.version),
+        quality_flags=[*result.quality_flags, *_purged_flag(ctx.index.purged_instances(info.study_id, info.version))])
     if result.cannot_grade and not ctx.settings.report_cannot_grade:
-        ctx.reports.record(info, [], result, sent_report=False)
+        ctx.reports.record(info, [], result)
         return {"report": None, "why": "cannot grade and report_cannot_grade is off",
                 "cannot_grade": result.cannot_grade}
     out_dir = ctx.settings.data_path / "reports" / f"study-{info.study_id}" / f"v{info.version}"
     out_dir.mkdir(parents=True, exist_ok=True)
     files = write_reports(result, out_dir, summary_image=ctx.settings.summary_image,
                           algorithm_version=package_version())
-    ctx.reports.record(info, files, result, sent_report=True)
+    ctx.reports.record(info, files, result)
     return {"files": [str(p.relative_to(ctx.settings.data_path)) for p in files],
             "cannot_grade": result.cannot_grade}
 
 
 __all__ = ["build_sr", "build_summary", "report_uids", "write_reports", "timed_write_reports", "describe",
-           "render_html", "summary_png", "warm", "run", "SR_FILE", "SUMMARY_FILE"]
+           "render_html", "summary_png", "summary_file", "warm", "run", "SR_FILE", "SUMMARY_FILE"]

@@ -9,6 +9,7 @@ report's UIDs are deterministic and a re-run must produce the same document.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -27,7 +28,7 @@ from highdicom.sr import (
 )
 from pydicom.uid import generate_uid
 
-from dicomnode.handoff import Declined, KeySlice, ModelResult, TaskResult, VersionResult, family_title
+from dicomnode.handoff import FAMILY_TITLES, Declined, KeySlice, ModelResult, TaskResult, VersionResult, family_title
 
 from dicomnode.stages.report import codes as c
 
@@ -80,8 +81,154 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> list[str]:
     return lines
 
 
-def _fmt(v: Any) -> str:
-    return f"{v:.2f}" if isinstance(v, float) else str(v)
+# --------------------------------------------------------------------------- words a person reads
+
+# a family's code name as a word of a sentence ("mmdlm runs on ..."), not inside a file name or a path
+# ("mmdlm-holdout-r0.pt", "/ckpt/mmdlm/"): only the former is a name a reader should not have to decode
+_FAMILY_WORD = re.compile(r"(?<![\w./-])("
+                          + "|".join(re.escape(f) for f in sorted(FAMILY_TITLES, key=len, reverse=True))
+                          + r")(?![\w/-]|\.\w)")
+
+
+def plain_names(text: str) -> str:
+    """``text`` with every model family's code name replaced by the name a clinician knows it by.
+
+    The registry and the gate write their sentences with code names ("mmdlm
+    runs on T1CE+T2+FLAIR"); a reader of the summary, the SR's text or the
+    terminal report should read "MMDLM runs on ...", "Full-sequence 3D CNN
+    ...". File names keep their code names (they are identifiers).
+    """
+    return _FAMILY_WORD.sub(lambda m: family_title(m.group(1)), text)
+
+
+def short_reason(reason: str) -> str:
+    """A registry reason without its checkpoint-selection clause ("; using <file>, the newest of ...").
+
+    The checkpoint is named beside the model on every view; the clause
+    (with its microsecond timestamp) is what pushed the decisions off the
+    summary page. The SR keeps the whole sentence.
+    """
+    return re.sub(r";\s*using \S+(?:,.*)?$", ".", reason.strip()).rstrip(".") + "."
+
+
+SYNTHETIC_WARNING = "Trained on SYNTHETIC data \u2014 not for clinical use"
+_SYNTHETIC = re.compile(r"\bsynthetic\b", re.IGNORECASE)
+
+
+def trained_on_synthetic(training_data: Mapping[str, Any]) -> bool:
+    """Whether a checkpoint says it was trained on synthetic data (its description, or ``synthetic: true``).
+
+    ``training.export`` stores the site's (or the demo's) words as
+    ``training_data["description"]``; the demo's say "synthetic demo cohort
+    ..., NOT for clinical use". A checkpoint with no description is not
+    called synthetic (nothing says so); the views say "not described".
+    """
+    if training_data.get("synthetic") is True:
+        return True
+    return bool(_SYNTHETIC.search(str(training_data.get("description") or "")))
+
+
+def synthetic_models(result: VersionResult) -> list[str]:
+    """Plain names of the models (graded, then declined) whose checkpoints say they were trained on synthetic data."""
+    records: list[ModelResult | Declined] = [*result.results, *result.declined]
+    names = [family_title(r.family) for r in records if trained_on_synthetic(r.training_data)]
+    return list(dict.fromkeys(names))
+
+
+def synthetic_warning(result: VersionResult) -> str | None:
+    """The warning every view puts near its top when a checkpoint was trained on synthetic data, else None.
+
+    Names the models only when some, not all, of them are synthetic: then
+    the reader must know which answers the warning is about.
+    """
+    names = synthetic_models(result)
+    if not names:
+        return None
+    every = {family_title(r.family) for r in [*result.results, *result.declined]}
+    return SYNTHETIC_WARNING + ("" if set(names) == every else f": {', '.join(names)}")
+
+
+def training_summary(training_data: Mapping[str, Any]) -> str:
+    """What a model was trained on, in one short phrase: the checkpoint's description and the case count."""
+    desc = str(training_data.get("description") or "").strip() or "training data not described by the checkpoint"
+    train = training_data.get("train")
+    n = train.get("n_cases") if isinstance(train, Mapping) else None
+    return desc + (f" ({n} training cases)" if isinstance(n, int) and not isinstance(n, bool) else "")
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value)):
+        return float(value)
+    return None
+
+
+def _interval(m: Mapping[str, Any], key: str) -> tuple[float, float, float] | None:
+    """(low, high, level) of a stored confidence interval of ``key``, in the shapes training may store it.
+
+    ``<key>_ci`` as ``training.metrics.BootstrapCI`` fields (low, high, level) or a [low, high] pair,
+    or ``ci: {<key>: ...}``. None when no finite interval is stored (today's checkpoints store none).
+    """
+    ci = m.get("ci")
+    for v in (m.get(f"{key}_ci"), ci.get(key) if isinstance(ci, Mapping) else None):
+        if isinstance(v, Mapping):
+            low, high, level = _number(v.get("low")), _number(v.get("high")), _number(v.get("level")) or 0.95
+        elif isinstance(v, (list, tuple)) and len(v) == 2:
+            low, high, level = _number(v[0]), _number(v[1]), 0.95
+        else:
+            continue
+        if low is not None and high is not None:
+            return low, high, level
+    return None
+
+
+def figures_text(m: Mapping[str, Any], *, n: Any = None, accuracy: bool = False) -> str:
+    """One evaluation's figures as a reader scans them: "AUC 0.91 (95% CI 0.84–0.97), sens 0.86, spec 0.81, n=74"."""
+    parts: list[str] = []
+    auc = _number(m.get("auc"))
+    if auc is not None:
+        ci = _interval(m, "auc")
+        parts.append(f"AUC {auc:.2f}" + (f" ({ci[2]:.0%} CI {ci[0]:.2f}\u2013{ci[1]:.2f})" if ci else ""))
+    elif "auc" in m:
+        parts.append("AUC undefined")
+    for key, label in (("sensitivity", "sens"), ("specificity", "spec")) + ((("accuracy", "acc"),) if accuracy else ()):
+        v = _number(m.get(key))
+        if v is not None:
+            parts.append(f"{label} {v:.2f}")
+    count = m.get("n", n)
+    if isinstance(count, int) and not isinstance(count, bool):
+        parts.append(f"n={count}")
+    return ", ".join(parts)
+
+
+def _task_figures(part: Any, task: str, single: bool) -> Mapping[str, Any] | None:
+    """One task's metrics in a checkpoint's ``metrics[part]``: per task (MMDLM) or flat (single-task models)."""
+    if not isinstance(part, Mapping):
+        return None
+    if isinstance(part.get(task), Mapping):
+        return part[task]
+    if single and any(k in part for k in ("auc", "sensitivity", "specificity")):
+        return part
+    return None
+
+
+def heldout_line(metrics: Mapping[str, Any], tasks: Sequence[str]) -> str:
+    """The model's held-out (test part) performance in one line, from the figures its checkpoint stores.
+
+    Single task: "held-out: AUC 0.91, sens 0.86, spec 0.81, n=74"; several
+    (MMDLM): "held-out: grade AUC 0.88, ..., n=20; IDH AUC 0.74, n=18".
+    The held-out part is the one no training or model selection looked at;
+    validation figures (used to select the model) are in the SR, not here.
+    """
+    tasks = list(tasks) or ["grade"]
+    single = len(tasks) == 1
+    n = metrics.get("n_test")
+    parts = []
+    for task in tasks:
+        m = _task_figures(metrics.get("test"), task, single)
+        text = figures_text(m, n=n if single else None) if m is not None else ""
+        if text:
+            parts.append(text if single else f"{_TASK_TITLE.get(task, task)} {text}")
+    return "held-out: " + ("; ".join(parts) if parts else "not recorded in the checkpoint")
 
 
 def training_text(training_data: Mapping[str, Any], task: str) -> str:
@@ -97,12 +244,17 @@ def training_text(training_data: Mapping[str, Any], task: str) -> str:
             counts = " (" + ", ".join(f"{k} {v}" for k, v in labels.items() if k != "missing" and v) + ")"
         parts.append(f"{'training' if part == 'train' else 'validation'}: {d['n_cases']} cases{counts}")
     if training_data.get("protocol"):
-        parts.append(f"protocol {training_data['protocol']}" + (f", row {training_data['row']}" if training_data.get("row") else ""))
+        # the training run's identifiers, quoted: a protocol is named like a family ("promptnet" trains the 3D CNN too)
+        parts.append(f"training protocol '{training_data['protocol']}'"
+                     + (f", row '{training_data['row']}'" if training_data.get("row") else ""))
     return "; ".join(parts)
 
 
 def metrics_text(metrics: Mapping[str, Any], task: str) -> str:
-    """The checkpoint's held-out and validation figures for this task (AUC first), or a short fallback."""
+    """The checkpoint's held-out and validation figures for this task (AUC first), or a short fallback.
+
+    "held-out test: AUC 0.91, sens 0.90, spec 0.80, acc 0.86, n=74; validation: AUC 0.88, n=20".
+    """
     out = []
     for part, name in (("test", "held-out test"), ("val", "validation")):
         m = metrics.get(part)
@@ -110,8 +262,7 @@ def metrics_text(metrics: Mapping[str, Any], task: str) -> str:
             m = m[task]
         if not isinstance(m, Mapping) or "auc" not in m:
             continue
-        figures = [f"{k} {_fmt(m[k])}" for k in ("auc", "sensitivity", "specificity", "accuracy") if k in m]
-        out.append(f"{name} (n={m.get('n', '?')}): " + ", ".join(figures))
+        out.append(f"{name}: " + figures_text(m, n=metrics.get("n_test") if part == "test" else None, accuracy=True))
     if out:
         return "; ".join(out)
     aucs = [line for line in flatten(metrics) if "auc" in line.split(":")[0]]
@@ -199,13 +350,16 @@ def _check_probability(model: ModelResult, task: TaskResult) -> float:
 
 
 def task_group(model: ModelResult, task: TaskResult, result: VersionResult, *, report_uid: str,
-               algorithm_version: str, manufacturer: str) -> MeasurementsAndQualitativeEvaluations:
+               algorithm_version: str, manufacturer: str, first: bool = True) -> MeasurementsAndQualitativeEvaluations:
     """One TID 1501 group: Finding = predicted class, Probability = P(that class), the rest as TEXT.
 
     One group per (model, task) rather than per model, because TID 300's
     Probability has no slot saying which class it is about: inside a group
     whose Finding is the predicted class, "Probability" can only mean the
-    probability of that finding.
+    probability of that finding. The key slices belong to the model, not to
+    a task: every group references them as IMAGE sources (the evidence of
+    its finding), but their TEXT lines (role, attention, image) are written
+    once, in the model's ``first`` group, not once per task.
     """
     p = _check_probability(model, task)
     finding = c.CLASS_CODE[task.label].concept
@@ -223,12 +377,13 @@ def task_group(model: ModelResult, task: TaskResult, result: VersionResult, *, r
     )
     items = [
         text_item(c.CLASS_PROBABILITIES, probabilities_text(task)),
-        text_item(c.MODEL_PATH, model.reason),
+        text_item(c.MODEL_PATH, plain_names(model.reason)),
         text_item(c.INPUTS_USED, inputs_text(result, model.input_roles)),
         text_item(c.MISSING_INPUTS, missing_text(result)),
     ]
-    items += [text_item(c.KEY_SLICE, key_slice_text(k))
-              for k in sorted(model.key_slices, key=lambda k: (-k.attention, k.role, k.ref.sop_instance_uid))]
+    if first:
+        items += [text_item(c.KEY_SLICE, key_slice_text(k))
+                  for k in sorted(model.key_slices, key=lambda k: (-k.attention, k.role, k.ref.sop_instance_uid))]
     items.append(text_item(c.TRAINING_DATA, training_text(model.training_data, task.task)))
     items.append(text_item(c.VALIDATION_METRICS, metrics_text(model.metrics, task.task)))
     items += [text_item(c.QUALITY_FLAG, flag) for flag in model.quality_flags]
@@ -314,8 +469,8 @@ def declined_algorithm_id(d: Declined, algorithm_version: str, manufacturer: str
 
 
 def declined_text(d: Declined) -> str:
-    return f"{family_title(d.family)} ({d.family}) did not grade this study: " + "; ".join(
-        r.reason.rstrip(".") for r in d.reasons) + "."
+    return f"{family_title(d.family)} did not grade this study: " + "; ".join(
+        plain_names(r.reason).rstrip(".") for r in d.reasons) + "."
 
 
 def declined_group(d: Declined, result: VersionResult, *, report_uid: str, algorithm_version: str,
@@ -356,11 +511,11 @@ def cannot_grade_group(result: VersionResult, *, report_uid: str, algorithm_vers
                                                identifier="grading not possible"),
         algorithm_id=node_algorithm_id(algorithm_version, manufacturer),
     )
-    reason = result.cannot_grade or "no model produced a result"
+    reason = plain_names(result.cannot_grade or "no model produced a result")
     items = [text_item(c.CANNOT_GRADE, reason),
              text_item(c.MISSING_INPUTS, missing_text(result)),
              text_item(c.INPUTS_USED, inputs_text(result))]
-    items += [text_item(c.MODEL_PATH, d.reason) for d in result.decisions]
+    items += [text_item(c.MODEL_PATH, plain_names(d.reason)) for d in result.decisions]
     items += [text_item(c.QUALITY_FLAG, f) for f in result.quality_flags]
     group[0].ContentSequence.extend(items)
     return group
@@ -376,13 +531,16 @@ def version_evaluations(result: VersionResult) -> ContainerContentItem:
     container = ContainerContentItem(name=c.QUALITATIVE_EVALUATIONS.concept, is_content_continuous=False,
                                      relationship_type=RelationshipTypeValues.CONTAINS)
     items = [text_item(c.DISCLAIMER, DISCLAIMER_TEXT)]
+    warning = synthetic_warning(result)
+    if warning:  # next to the disclaimer: a viewer that shows the first lines shows this too
+        items.append(text_item(c.TRAINING_DATA, warning))
     if result.cannot_grade or not result.results:
-        items.append(text_item(c.CANNOT_GRADE, result.cannot_grade or "no model produced a result"))
+        items.append(text_item(c.CANNOT_GRADE, plain_names(result.cannot_grade or "no model produced a result")))
     declined = {d.family for d in result.declined}
     for d in result.decisions:
         state = ("selected, then declined by the input gate" if d.family in declined
                  else "ran" if d.runs else "did not run")
-        items.append(text_item(c.MODEL_PATH, f"{d.family}: {state}. {d.reason}"))
+        items.append(text_item(c.MODEL_PATH, f"{family_title(d.family)}: {state}. {plain_names(d.reason)}"))
     items.append(text_item(c.INPUTS_USED, inputs_text(result)))
     items.append(text_item(c.MISSING_INPUTS, missing_text(result)))
     items += [text_item(c.DECLINED, declined_text(d)) for d in result.declined]

@@ -57,7 +57,30 @@ def report_uids(result: VersionResult, *, prefix: str | None = None) -> dict[str
     and gets different UIDs. ``prefix`` lets a site use its own UID root
     (default: pydicom's, as ``dicomnode.synth`` does).
     """
-    base = [
+    base = _uid_base(result)
+    root = {"prefix": prefix} if prefix else {}  # prefix=None would mean a random 2.25 UID in pydicom
+    return {f"{kind}_{what}": str(generate_uid(**root, entropy_srcs=[*base, f"kind={kind}", what]))
+            for kind in ("sr", "sc") for what in ("series", "sop")}
+
+
+def summary_page_uid(result: VersionResult, page: int, *, prefix: str | None = None) -> str:
+    """SOP Instance UID of page ``page`` (1-based) of the summary image, all pages in ``sc_series``.
+
+    Page 1 is ``report_uids(result)["sc_sop"]`` (a one-page summary is what it
+    always was); a continuation page hashes the same inputs plus its number,
+    so a re-run writes the same pages again.
+    """
+    if page < 1:
+        raise ValueError(f"pages are numbered from 1, got {page}")
+    if page == 1:
+        return report_uids(result, prefix=prefix)["sc_sop"]
+    root = {"prefix": prefix} if prefix else {}
+    return str(generate_uid(**root, entropy_srcs=[*_uid_base(result), "kind=sc", "sop", f"page={page}"]))
+
+
+def _uid_base(result: VersionResult) -> list[str]:
+    """What the report's UIDs are a function of (see :func:`report_uids`)."""
+    return [
         _UID_SCHEME,
         result.study_instance_uid,
         f"version={result.version}",
@@ -67,9 +90,6 @@ def report_uids(result: VersionResult, *, prefix: str | None = None) -> dict[str
         "checkpoints=" + ",".join(sorted({m.checkpoint_sha256 for m in result.results}
                                          | {d.checkpoint_sha256 for d in result.declined})),
     ]
-    root = {"prefix": prefix} if prefix else {}  # prefix=None would mean a random 2.25 UID in pydicom
-    return {f"{kind}_{what}": str(generate_uid(**root, entropy_srcs=[*base, f"kind={kind}", what]))
-            for kind in ("sr", "sc") for what in ("series", "sop")}
 
 
 def device_observer_uid(manufacturer: str, algorithm_version: str) -> str:
@@ -233,7 +253,7 @@ def sr_from_example(result: VersionResult, example: Dataset, *, algorithm_versio
     groups: list = []
     if graded and any(m.tasks for m in result.results):
         for m in result.results:  # per model: its finding groups, then the measurements of the case it graded
-            groups += [content.task_group(m, t, result, **common) for t in m.tasks]
+            groups += [content.task_group(m, t, result, first=i == 0, **common) for i, t in enumerate(m.tasks)]
             extra = content.measurements_group(m, result, **common)
             if extra is not None:
                 groups.append(extra)
@@ -315,6 +335,6 @@ def _assemble(root: ContainerContentItem, example: Dataset, evidence_items: list
     return sr
 
 
-__all__ = ["build_sr", "sr_from_example", "outcome", "report_uids", "device_observer_uid", "read_example", "evidence",
-           "evidence_refs", "evidence_sequence",
+__all__ = ["build_sr", "sr_from_example", "outcome", "report_uids", "summary_page_uid", "device_observer_uid",
+           "read_example", "evidence", "evidence_refs", "evidence_sequence",
            "SR_SERIES_NUMBER", "SC_SERIES_NUMBER", "SR_SERIES_DESCRIPTION", "SC_SERIES_DESCRIPTION"]

@@ -21,10 +21,11 @@ source DICOM slice is shown as before.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import json
 import logging
-import textwrap
+import re
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -44,7 +45,14 @@ from pydicom.dataset import Dataset
 from dicomnode.handoff import Declined, InputSeries, KeySlice, ModelResult, VersionResult, family_title
 
 from dicomnode.stages.report import content
-from dicomnode.stages.report.sop import SC_SERIES_DESCRIPTION, SC_SERIES_NUMBER, stamp_time, read_example, report_uids
+from dicomnode.stages.report.sop import (
+    SC_SERIES_DESCRIPTION,
+    SC_SERIES_NUMBER,
+    read_example,
+    report_uids,
+    stamp_time,
+    summary_page_uid,
+)
 
 log = logging.getLogger(__name__)
 
@@ -428,9 +436,9 @@ def _case_panel(case: _Case, record: ModelResult | Declined, key: KeySlice | Non
         first = case.arrays[next(iter(case.arrays))]
         if case.slice_indices is not None and first.ndim == 3 and case.meta.get("slices"):
             own_key = key if isinstance(record, ModelResult) and key in record.key_slices else None
-            return _slice_panel(case, record.family, record.measurements, own_key)
+            return _slice_panel(case, family_title(record.family), record.measurements, own_key)
         if first.ndim == 3:
-            return _volume_panel(case, record.family, record.measurements)
+            return _volume_panel(case, family_title(record.family), record.measurements)
         return None
     except Exception as exc:  # a picture must never fail the report
         log.warning("prepared case of %s could not be drawn for study %s: %s", record.family, study_id,
@@ -466,44 +474,65 @@ def choose_panel(result: VersionResult) -> Panel | None:
     return None
 
 
-def summary_lines(result: VersionResult) -> list[tuple[str, str]]:
-    """(style, text) lines of the summary panel; also what tests read to check the picture says it.
+def _trained_on(training_data: dict[str, Any]) -> tuple[str, str]:
+    """The "trained on" line of a model: warning colour when its checkpoint says synthetic."""
+    style = "warn" if content.trained_on_synthetic(training_data) else "small"
+    return style, "trained on: " + content.training_summary(training_data)
 
-    A model the gate declined is shown as "not graded: <reason>", never with a
-    class or a probability.
+
+def _series_line(series: InputSeries) -> str:
+    """One input series as the reader finds it in the viewer: role, series number and description, image count."""
+    number = f"series {series.series_number}" if series.series_number is not None else "series"
+    desc = f" '{series.series_description}'" if series.series_description else ""
+    return f"{series.role}: {number}{desc}, {len(series.instances)} image(s)"
+
+
+def summary_lines(result: VersionResult) -> list[tuple[str, str]]:
+    """(style, text) lines of the summary's text column, in reading order; also what tests read.
+
+    What a clinician needs first comes first: CANNOT GRADE and why; each
+    model (by its plain name) with its answers, its held-out performance in
+    one line and what it was trained on; the models the gate declined, shown
+    as "not graded: <reason>" (never with a class or a probability); then
+    which model paths ran and the input series.
     """
     lines: list[tuple[str, str]] = []
     if result.cannot_grade or not result.results:
         lines.append(("alert", "CANNOT GRADE"))
         lines.append(("body", "No model could grade this study." if result.declined else
-                      (result.cannot_grade or "no model produced a result")))
+                      content.plain_names(result.cannot_grade or "no model produced a result")))
     if result.gate_loosened:
         lines.append(("warn", result.gate_loosened))
     for m in result.results:
-        lines.append(("head", f"{m.family}  ({m.paper})"))
+        lines.append(("head", family_title(m.family)))
         for t in m.tasks:
             probs = ", ".join(f"P({k}) = {v:.2f}" for k, v in t.probabilities.items())
             title = _TASK_TITLE.get(t.task, t.task)
             lines.append(("result", f"{title}: {t.label}  (P = {t.probabilities.get(t.label, t.probability):.2f})"))
             lines.append(("small", probs + ("; calibrated" if t.calibrated else "; not calibrated")))
+        lines.append(("small", content.heldout_line(m.metrics, [t.task for t in m.tasks])))
+        lines.append(_trained_on(m.training_data))
         lines.append(("small", f"checkpoint {m.checkpoint_name}  sha256 {m.checkpoint_sha256[:12]}"))
         for flag in m.quality_flags:
-            lines.append(("warn", f"quality: {flag}"))
+            lines.append(("warn", f"quality: {content.plain_names(flag)}"))
     for d in result.declined:
-        lines.append(("head", f"{family_title(d.family)}  ({d.family})"))
+        lines.append(("head", f"{family_title(d.family)}: not graded"))
         for r in d.reasons:
-            lines.append(("warn", f"not graded: {r.reason}"))
+            lines.append(("warn", f"not graded: {content.plain_names(r.reason)}"))
+        if d.training_data:
+            lines.append(_trained_on(d.training_data))
         lines.append(("small", f"checkpoint {d.checkpoint_name}  sha256 {d.checkpoint_sha256[:12]}"))
     lines.append(("head", "Model path"))
     declined = {d.family for d in result.declined}
     for d in result.decisions:
         state = "DECLINED by the gate" if d.family in declined else "RAN" if d.runs else "not run"
-        lines.append(("small", f"{state}: {d.reason}"))
+        lines.append(("small", f"{state}: {content.plain_names(content.short_reason(d.reason))}"))
     lines.append(("head", "Inputs"))
+    lines += [("small", _series_line(s)) for s in result.inputs]
     lines.append(("small", "available: " + (", ".join(result.available_roles) or "none")))
     lines.append(("small", "missing: " + (", ".join(result.missing_roles) or "none")))
     for flag in result.quality_flags:
-        lines.append(("warn", f"quality: {flag}"))
+        lines.append(("warn", f"quality: {content.plain_names(flag)}"))
     if result.supersedes is not None:
         lines.append(("small", f"Replaces the report of study version {result.supersedes.version}."))
     return lines
@@ -521,27 +550,52 @@ class TextStyle:
     def pixels(self) -> float:
         return self.size * DPI / 72
 
+    def scaled(self, factor: float, floor: float) -> TextStyle:
+        """This style ``factor`` times as large, never under ``floor`` points."""
+        return dataclasses.replace(self, size=max(floor, round(self.size * factor, 2)))
 
-_STYLE: dict[str, TextStyle] = {
-    "alert": TextStyle(20, "#ff5050", True),
-    "head": TextStyle(12, "#9fd3ff", True),
-    "result": TextStyle(14, "#ffffff", True),
-    "body": TextStyle(11, "#ffffff"),
-    "small": TextStyle(9, "#dddddd"),
-    "warn": TextStyle(9, "#ffcc44"),
+
+# -- the page's geometry (pixels, origin top left) --------------------------------------------------------
+#: kept empty on every side: viewers draw their own overlays (annotations, rulers) at the edges
+MARGIN = 16
+GUTTER = 20
+#: every column is this wide: the slice and the text on the first image, two text columns on the others
+COLUMN = (WIDTH - 2 * MARGIN - GUTTER) / 2
+_COLUMN_X = ((float(MARGIN), MARGIN + COLUMN), (WIDTH - MARGIN - COLUMN, float(WIDTH - MARGIN)))
+#: the smallest text the page draws: 8 pt at 100 dpi is 11 px, DejaVu Sans still legible at 1:1
+MIN_POINTS = 8.0
+#: the text column is set at the largest of these that fits, no style under its floor
+_SCALES = (1.0, 0.93, 0.86, 0.8, 0.75, 0.7)
+#: no summary has more images than this; what would not fit says where the rest is (the SR)
+MAX_PAGES = 6
+_LEAD = 1.3  # line pitch / font size: DejaVu's ascent + descent is 1.26 em, so rows never touch
+
+#: style -> (how it is drawn at scale 1, its floor in points)
+_FLOW: dict[str, tuple[TextStyle, float]] = {
+    "alert": (TextStyle(20, "#ff5050", True), 16.0),
+    "head": (TextStyle(12, "#9fd3ff", True), 10.0),
+    "result": (TextStyle(14, "#ffffff", True), 11.0),
+    "body": (TextStyle(11, "#ffffff"), 9.0),
+    "small": (TextStyle(9, "#dddddd"), MIN_POINTS),
+    "warn": (TextStyle(9, "#ffcc44"), MIN_POINTS),
 }
-_WRAP = {"alert": 40, "head": 50, "result": 48, "body": 60, "small": 76, "warn": 76}
-_STEP = {"alert": 0.045, "head": 0.036, "result": 0.034, "body": 0.03, "small": 0.025, "warn": 0.025}
+_GAP_BEFORE = {"head": 0.6, "result": 0.15}  # extra space above, in em, unless the line opens a column
+_INDENT = "    "  # continuation lines of a wrapped small line
+_TITLE_TEXT = "Glioma grading \u2014 RESEARCH USE ONLY, NOT FOR DIAGNOSTIC USE"
 _TITLE = TextStyle(16, "#ff5050", True)
-_CAPTION = TextStyle(8, "#ffffff")
+_PAGE_NO = TextStyle(10, "#aaaaaa")
+_BANNER = TextStyle(13, "#111111", True)
+BANNER_FILL = "#ffb000"  # the synthetic-training warning: dark bold text on amber, the loudest thing on the page
+_BANNER_PAD = 6.0
+_CAPTION = TextStyle(MIN_POINTS, "#ffffff")
 _NO_IMAGE = TextStyle(10, "#ffffff")
-_STEP_TEXT = TextStyle(7.5, "#cccccc")
+_STEP_TEXT = TextStyle(MIN_POINTS, "#cccccc")
 _FOOTER, _FOOTER_LAST = TextStyle(9, "#ffcc44"), TextStyle(9, "#aaaaaa")
-_CAPTION_PAD = 6 * DPI / 72  # matplotlib's title pad (6 pt), kept from when the caption was an axes title
+_MORE = TextStyle(10, "#9fd3ff", True)
+_FRAME_OVERHANG = 4.0  # the slice's frame (4 pt line centred on the axes' edge) reaches this far outside its box
 
-_STEP_WRAP, _STEP_STEP, _STEP_TOP, _STEP_BOTTOM = 72, 0.019, 0.335, 0.185
 #: the steps the image shows first (what a reader checks: was the brain found, did it land on the template);
-#: routine ones (reorient, the mask's voxel count, normalisation) only when there is room
+#: routine ones (reorient, the mask's voxel count, normalisation) after them
 _STEP_PRIORITY = ("brain extraction", "registration to template", "co-registration", "bias-field", "crop/pad",
                   "slices:", "resample")
 
@@ -579,7 +633,7 @@ class PageText:
     y: float
     text: str
     style: TextStyle
-    anchor: str = "la"  # Pillow's anchors: "la" left/ascender (matplotlib's va="top"), "ms", "mm"
+    anchor: str = "la"  # Pillow's anchors: "la" left/ascender, "ra" right/ascender, "ma" centre/ascender, "mm"
 
     def box(self) -> tuple[float, float, float, float]:
         """(left, top, right, bottom) of the drawn text in pixels."""
@@ -589,11 +643,29 @@ class PageText:
 
 @dataclass(frozen=True)
 class Page:
-    """The summary page before drawing: where the slice goes and every line of text."""
+    """One image of the summary before drawing: where the slice goes, every line of text, the filled boxes.
+
+    ``frame`` is the slice's box in figure fractions (left, bottom, width,
+    height), as matplotlib's ``add_axes`` takes it; None on a continuation
+    image, which has no slice. ``fills`` are (left, top, right, bottom,
+    colour) rectangles in pixels, drawn under the text (the warning banner).
+    """
 
     panel: Panel | None
-    frame: tuple[float, float, float, float]  # the slice's box: (left, bottom, width, height), figure fractions
+    frame: tuple[float, float, float, float] | None
     texts: list[PageText]
+    fills: list[tuple[float, float, float, float, str]] = field(default_factory=list)
+    number: int = 1
+    count: int = 1
+
+    def frame_box(self) -> tuple[float, float, float, float] | None:
+        """The slice's box with its frame line, in pixels (left, top, right, bottom); None without a slice box."""
+        if self.frame is None:
+            return None
+        left, bottom, width, height = self.frame
+        o = _FRAME_OVERHANG
+        return (left * WIDTH - o, (1 - bottom - height) * HEIGHT - o, (left + width) * WIDTH + o,
+                (1 - bottom) * HEIGHT + o)
 
 
 def _essential(steps: list[str]) -> list[str]:
@@ -604,22 +676,193 @@ def _essential(steps: list[str]) -> list[str]:
     return sorted(steps, key=rank)
 
 
-def _wrap(text: str, width: int, x: float, right: float, style: TextStyle, *, indent: str = "") -> list[str]:
-    """``text`` wrapped at ``width`` characters, narrower until every line, as drawn, ends left of ``right``.
+_BREAKS = re.compile(r"[ \t\r\n]+")  # where a line may break: not at a no-break space ("5.5\u00a0mm")
+_UNIT = re.compile(r"(\d) (mm|ml|cm|px|%)(?=\W|$)")
 
-    Character counts alone let wide glyphs (capitals, long hashes) run off the
-    page; measuring with the font that draws the line is exact and
-    deterministic. ``x`` and ``right`` are figure fractions.
+
+def _keep_units(text: str) -> str:
+    """A number and its unit joined by a no-break space, so "5.5 mm" never ends one line and starts the next."""
+    return _UNIT.sub("\\1\u00a0\\2", text)
+
+
+def _width(style: TextStyle, text: str) -> float:
+    """How far ``text`` reaches to the right when drawn in ``style``, in pixels (an upper bound).
+
+    The sum of the characters' advances, each measured once per font and
+    thread: Pillow's BASIC layout applies no kerning, so the sum is the
+    line's advance exactly; the last glyph's ink can reach a pixel past its
+    advance ("V"), hence the 2 px. Measuring every candidate line with
+    FreeType instead cost ~0.4 ms a call, seconds for a long summary.
     """
-    font = _font(style)
-    limit = right * WIDTH - x * WIDTH
-    parts = textwrap.wrap(text, width, subsequent_indent=indent) or [""]
-    while width > 8:
-        if all(font.getbbox(part, anchor="la")[2] <= limit for part in parts):
-            return parts
-        width -= max(2, width // 10)
-        parts = textwrap.wrap(text, width, subsequent_indent=indent) or [""]
-    return parts
+    if not text:
+        return 0.0
+    cache: dict[tuple[float, bool], dict[str, float]] | None = getattr(_fonts, "advances", None)
+    if cache is None:
+        cache = _fonts.advances = {}
+    table = cache.setdefault((style.pixels, style.bold), {})
+    total = 0.0
+    for ch in text:
+        w = table.get(ch)
+        if w is None:
+            w = table[ch] = float(_font(style).getlength(ch))
+        total += w
+    return total + 2.0
+
+
+def _wrap(text: str, style: TextStyle, width: float, indent: str = "") -> list[str]:
+    """``text`` broken into lines that, drawn in ``style``, are at most ``width`` pixels wide.
+
+    Measured with the font that draws them (capitals, digits and long
+    hashes are wider than an average character), greedy by words; a word
+    wider than the column (a file name, a UID) is broken between characters
+    rather than allowed to run off the page. Never drops text.
+    """
+    lines: list[str] = []
+    current = ""
+    for word in _BREAKS.split(text.strip()):
+        candidate = f"{current} {word}" if current else (indent if lines else "") + word
+        if _width(style, candidate) <= width:
+            current = candidate
+            continue
+        if current:
+            lines.append(current)
+        piece = (indent if lines else "") + word
+        while _width(style, piece) > width:
+            start = len(indent) if lines else 0
+            lo, hi = start + 1, len(piece)  # the longest head of ``piece`` that fits (at least one character)
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if _width(style, piece[:mid]) <= width:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            lines.append(piece[:lo])
+            piece = indent + piece[lo:]
+        current = piece
+    if current or not lines:
+        lines.append(current)
+    return lines
+
+
+@dataclass(frozen=True)
+class _Row:
+    """One drawn line of the text flow."""
+
+    text: str
+    style: TextStyle
+    gap: float  # space above it, unless it opens a column
+    keep: bool  # glued to the next row: a heading never ends a column
+
+    @property
+    def pitch(self) -> float:
+        return _LEAD * self.style.pixels
+
+
+def _rows(lines: list[tuple[str, str]], scale: float) -> list[_Row]:
+    out: list[_Row] = []
+    for key, text in lines:
+        base, floor = _FLOW[key]
+        style = base.scaled(scale, floor)
+        parts = _wrap(_keep_units(text), style, COLUMN, _INDENT if key in ("small", "warn") else "")
+        for i, part in enumerate(parts):
+            out.append(_Row(part, style, _GAP_BEFORE.get(key, 0.0) * style.pixels if i == 0 else 0.0, key == "head"))
+    return out
+
+
+def _columns_of(page: int) -> tuple[tuple[float, float], ...]:
+    """The text columns' x ranges: the right one on the first image (the slice is left), both on the others."""
+    return (_COLUMN_X[1],) if page == 1 else _COLUMN_X
+
+
+_Placed = list[list[list[tuple[float, _Row]]]]  # pages -> columns -> (top y, row)
+
+
+def _fill(rows: list[_Row], top: float, bottom: float, *, paginate: bool) -> _Placed:
+    """The rows poured into the columns of as many images as they need, in reading order.
+
+    ``paginate``: leave a line at the foot of each image's last column (for
+    "continued on image k") and at the head of each later image ("continued
+    from"); without it the caller only asks whether everything fits on one.
+    """
+    note = _LEAD * _MORE.pixels
+    pages: _Placed = [[[]]]
+    page, col = 1, 0
+    y = top
+
+    def limit() -> float:
+        last = col == len(_columns_of(page)) - 1
+        return bottom - (note if paginate and last else 0.0)
+
+    i = 0
+    while i < len(rows):
+        column = pages[-1][col]
+        need = (rows[i].gap if column else 0.0) + rows[i].pitch
+        run, j = need, i
+        while rows[j].keep and j + 1 < len(rows):  # a heading and the line under it go together
+            j += 1
+            run += rows[j].gap + rows[j].pitch
+        if column and y + run > limit():
+            if col + 1 < len(_columns_of(page)):
+                col += 1
+            else:
+                page, col = page + 1, 0
+                pages.append([])
+            if col == len(pages[-1]):
+                pages[-1].append([])
+            y = top + (note if paginate and page > 1 and col == 0 else 0.0)
+            continue
+        column.append((y + (rows[i].gap if column else 0.0), rows[i]))
+        y += need
+        i += 1
+    return pages
+
+
+def _flow(lines: list[tuple[str, str]], top: float, bottom: float) -> tuple[_Placed, bool]:
+    """The text column set as large as fits one image; else over the fewest images, as large as that allows.
+
+    Returns the placed rows and whether they are paginated.
+    """
+    for scale in _SCALES:
+        placed = _fill(_rows(lines, scale), top, bottom, paginate=False)
+        if len(placed) == 1:
+            return placed, False
+    fewest = len(_fill(_rows(lines, _SCALES[-1]), top, bottom, paginate=True))
+    for scale in _SCALES:
+        placed = _fill(_rows(lines, scale), top, bottom, paginate=True)
+        if len(placed) <= fewest:
+            return placed, True
+    return placed, True  # not reached: the last scale gives ``fewest``
+
+
+def _page_header(warning: str | None, number: int, count: int
+            ) -> tuple[list[PageText], list[tuple[float, float, float, float, str]], float]:
+    """Title, "image k of n" and the synthetic-training banner; returns them and where the body starts."""
+    texts = [PageText(MARGIN, MARGIN, _TITLE_TEXT, _TITLE)]
+    if count > 1:
+        texts.append(PageText(WIDTH - MARGIN, MARGIN + 4, f"image {number} of {count}", _PAGE_NO, "ra"))
+    y = MARGIN + _LEAD * _TITLE.pixels + 4
+    fills: list[tuple[float, float, float, float, str]] = []
+    if warning:
+        lines = _wrap(warning, _BANNER, WIDTH - 2 * MARGIN - 2 * _BANNER_PAD)
+        pitch = _LEAD * _BANNER.pixels
+        height = len(lines) * pitch + 2 * _BANNER_PAD
+        fills.append((MARGIN, y, WIDTH - MARGIN - 1, y + height, BANNER_FILL))
+        texts += [PageText(MARGIN + _BANNER_PAD, y + _BANNER_PAD + i * pitch + 2, line, _BANNER)
+                  for i, line in enumerate(lines)]
+        y += height
+    return texts, fills, y + 12
+
+
+def _footer(result: VersionResult, algorithm_version: str, number: int, count: int) -> tuple[list[PageText], float]:
+    """The disclaimer and the version line at the foot of every image; returns them and where they start."""
+    lines = [(part, _FOOTER) for part in _wrap(content.DISCLAIMER_TEXT, _FOOTER, WIDTH - 2 * MARGIN)]
+    page = f"; image {number} of {count}" if count > 1 else ""
+    last = (f"dicomnode {algorithm_version}; study version {result.version}{page}. "
+            "The structured report (SR) in this study holds the full detail.")
+    lines += [(part, _FOOTER_LAST) for part in _wrap(last, _FOOTER_LAST, WIDTH - 2 * MARGIN)]
+    pitch = _LEAD * _FOOTER.pixels
+    top = HEIGHT - MARGIN - len(lines) * pitch
+    return [PageText(MARGIN, top + i * pitch, text, style) for i, (text, style) in enumerate(lines)], top - 10
 
 
 def _drawn(panel: Panel) -> list[tuple[np.ndarray, str, str]]:
@@ -629,79 +872,136 @@ def _drawn(panel: Panel) -> list[tuple[np.ndarray, str, str]]:
 
 
 def _fit(box: tuple[float, float, float, float], panel: Panel) -> tuple[float, float, float, float]:
-    """The part of ``box`` the slice fills at its aspect ratio, centred (what matplotlib's imshow did)."""
-    left, bottom, width, height = box
+    """The part of ``box`` (left, top, width, height in pixels) the slice fills at its aspect ratio.
+
+    Centred across, at the top of the box: the caption above it and the
+    steps under it stay next to the picture they describe.
+    """
+    left, top, width, height = box
     h, w = panel.pixels.shape
     want = h * panel.aspect / w  # drawn height / drawn width
-    bw, bh = width * WIDTH, height * HEIGHT
-    if bh / bw > want:
-        fitted = bw * want / HEIGHT
-        return left, bottom + (height - fitted) / 2, width, fitted
-    fitted = bh / want / WIDTH
-    return left + (width - fitted) / 2, bottom, fitted, height
+    if height / width > want:
+        return left, top, width, width * want
+    fitted = height / want
+    return left + (width - fitted) / 2, top, fitted, height
 
 
-def _at(x: float, y: float, text: str, style: TextStyle, anchor: str = "la") -> PageText:
-    """A line placed in figure fractions (origin bottom left, as the layout below was designed)."""
-    return PageText(x * WIDTH, (1 - y) * HEIGHT, text, style, anchor)
+def _fractions(box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+    """A (left, top, width, height) pixel box as matplotlib's (left, bottom, width, height) figure fractions."""
+    left, top, width, height = box
+    return left / WIDTH, 1 - (top + height) / HEIGHT, width / WIDTH, height / HEIGHT
 
 
-def layout(result: VersionResult, panel: Panel | None, *, algorithm_version: str) -> Page:
-    """Where everything goes: the slice's box and every line of text (wrapped, measured, placed)."""
-    texts = [_at(0.02, 0.965, "Glioma grading - RESEARCH USE ONLY, NOT FOR DIAGNOSTIC USE", _TITLE)]
-    with_steps = panel is not None and bool(panel.steps or panel.outlines)
-    box = (0.02, 0.37, 0.42, 0.5) if with_steps else (0.02, 0.2, 0.42, 0.67)
-    frame = _fit(box, panel) if panel is not None else box
-    left, bottom, width, height = frame
-    if panel is not None:
-        caption = _wrap(panel.caption, 72, 0.02, 0.45, _CAPTION)[:2]
-        centre, base = (left + width / 2) * WIDTH, (1 - bottom - height) * HEIGHT - _CAPTION_PAD
-        step = 1.2 * _CAPTION.pixels  # matplotlib's line spacing
-        texts += [PageText(centre, base - (len(caption) - 1 - i) * step, line, _CAPTION, "ms")
-                  for i, line in enumerate(caption)]
+def _slice_column(panel: Panel | None, top: float, bottom: float
+                  ) -> tuple[tuple[float, float, float, float], list[PageText], list[str]]:
+    """The first image's left column: caption, the slice's box, the outlines' legend, the preprocessing steps.
+
+    Returns the slice's box (figure fractions), the text, and the step lines
+    that did not fit under the slice (they continue in the text column, so
+    no step is dropped).
+    """
+    x0 = _COLUMN_X[0][0]
+    inner = COLUMN - 2 * _FRAME_OVERHANG  # the frame's line is drawn centred on the box's edge: keep it in the column
+    if panel is None:
+        box = (x0 + _FRAME_OVERHANG, top + _FRAME_OVERHANG, inner,
+               min(COLUMN * 0.8, bottom - top) - 2 * _FRAME_OVERHANG)
+        label = PageText(x0 + COLUMN / 2, box[1] + box[3] / 2, "no source image available", _NO_IMAGE, "mm")
+        return _fractions(box), [label], []
+    texts: list[PageText] = []
+    y = top
+    cap_pitch = _LEAD * _CAPTION.pixels
+    for line in _wrap(panel.caption, _CAPTION, COLUMN):
+        texts.append(PageText(x0 + COLUMN / 2, y, line, _CAPTION, "ma"))
+        y += cap_pitch
+    y += _FRAME_OVERHANG + 4
+    step_pitch = _LEAD * _STEP_TEXT.pixels
+    steps = _essential(panel.steps)
+    legend = [(colour, label) for _, colour, label in _drawn(panel)]
+    if steps or legend:
+        # room for the legend, the heading and up to 12 step lines; the slice keeps at least 220 px
+        wanted = (len(steps[:12]) + 1 + (1 if legend else 0)) * step_pitch + 2 * _FRAME_OVERHANG + 10
+        height = max(220.0, min(COLUMN * 0.75, bottom - y - wanted))
     else:
-        texts.append(_at(left + width / 2, bottom + height / 2, "no source image available", _NO_IMAGE, "mm"))
-    if with_steps and panel is not None:
-        y = _STEP_TOP
-        legend = [(colour, label) for _, colour, label in _drawn(panel)]
-        if legend:
-            x = 0.02
-            for colour, label in legend:
-                texts.append(_at(x, y, f"— {label}", TextStyle(8, colour)))
-                x += 0.16
-            y -= _STEP_STEP
-        lines = ["Preprocessing (what the model saw):"] + [f"  {line}" for line in _essential(panel.steps)]
-        parts = [part for line in lines for part in _wrap(line, _STEP_WRAP, 0.02, 0.45, _STEP_TEXT, indent="    ")]
-        room = max(1, int((y - _STEP_BOTTOM) / _STEP_STEP) + 1)
-        if len(parts) > room:  # never cut silently: say where the rest is
-            parts = parts[: room - 1] + ["  ... (every step and measurement is in the SR)"]
-        for part in parts:
-            texts.append(_at(0.02, y, part, _STEP_TEXT))
-            y -= _STEP_STEP
-
-    y = 0.9
-    for style, text in summary_lines(result):
-        for part in _wrap(text, _WRAP[style], 0.47, 0.99, _STYLE[style]):
-            if y < 0.2:
+        height = max(120.0, min(inner, bottom - y - _FRAME_OVERHANG))
+    fitted = _fit((x0 + _FRAME_OVERHANG, y, inner, height), panel)
+    y = fitted[1] + fitted[3] + _FRAME_OVERHANG + 8
+    if legend:
+        x = x0
+        for colour, label in legend:
+            item = PageText(x, y, f"\u2014 {label}", TextStyle(MIN_POINTS, colour))
+            texts.append(item)
+            x = item.box()[2] + 24
+        y += step_pitch
+    rest: list[str] = []
+    if steps:
+        lines = [("Preprocessing (what the model saw):", "")] + [(f"\u2022 {step}", "   ") for step in steps]
+        for k, (line, indent) in enumerate(lines):
+            parts = _wrap(line, _STEP_TEXT, COLUMN, indent)
+            if y + len(parts) * step_pitch > bottom:
+                rest = [step for step in steps[max(0, k - 1):]]
                 break
-            texts.append(_at(0.47, y, part, _STYLE[style]))
-            y -= _STEP[style]
+            for part in parts:
+                texts.append(PageText(x0, y, part, _STEP_TEXT))
+                y += step_pitch
+    return _fractions(fitted), texts, rest
 
-    footer = _wrap(content.DISCLAIMER_TEXT, 135, 0.02, 0.99, _FOOTER)
-    footer.append(f"dicomnode {algorithm_version}; study version {result.version}. "
-                  "The structured report (SR) in this study holds the full detail.")
-    for i, part in enumerate(footer):
-        texts.append(_at(0.02, 0.16 - i * 0.03, part, _FOOTER if i < len(footer) - 1 else _FOOTER_LAST))
-    return Page(panel, frame, texts)
+
+def layout(result: VersionResult, panel: Panel | None, *, algorithm_version: str) -> list[Page]:
+    """Every image of the summary: where the slice goes and every line of text, wrapped, measured and placed.
+
+    Nothing is cut: the text column is set as large as fits (down to
+    :data:`MIN_POINTS` for the smallest text); what still does not fit
+    continues on further images of the same series, two text columns
+    each, every image with the title, the synthetic-training warning and
+    the disclaimer, and "image k of n" / "continued on image k".
+    """
+    warning = content.synthetic_warning(result)
+    _, _, top = _page_header(warning, 1, 2)  # the header and footer heights do not depend on the page count
+    _, bottom = _footer(result, algorithm_version, 1, 2)
+    frame, left_texts, rest = _slice_column(panel, top, bottom)
+    lines = summary_lines(result)
+    if rest:
+        lines += [("head", "Preprocessing (continued)")] + [("small", step) for step in rest]
+    placed, paginated = _flow(lines, top, bottom)
+    if len(placed) > MAX_PAGES:  # a pathological result: say where the rest is rather than make 50 images
+        kept = placed[:MAX_PAGES]
+        dropped = sum(len(c) for p in placed[MAX_PAGES:] for c in p)
+        last_col = kept[-1][-1]
+        y, row = last_col[-1]
+        last_col[-1] = (y, dataclasses.replace(row, text=f"... {dropped + 1} more line(s): the SR holds the full text"))
+        placed = kept
+    count = len(placed)
+    note_pitch = _LEAD * _MORE.pixels
+    pages: list[Page] = []
+    for number, columns in enumerate(placed, start=1):
+        texts, fills, _ = _page_header(warning, number, count)
+        footer, _ = _footer(result, algorithm_version, number, count)
+        texts += footer
+        xs = _columns_of(number)
+        for (x0, _x1), rows in zip(xs, columns):
+            texts += [PageText(x0, y, row.text, row.style) for y, row in rows]
+        if paginated and number > 1:
+            texts.append(PageText(xs[0][0], top, f"(continued from image {number - 1} of {count})", _MORE))
+        if paginated and number < count:
+            texts.append(PageText(xs[-1][0], bottom - note_pitch,
+                                  f"continued on image {number + 1} of {count} in this series", _MORE))
+        if number == 1:
+            pages.append(Page(panel, frame, left_texts + texts, fills, number, count))
+        else:
+            pages.append(Page(None, None, texts, fills, number, count))
+    return pages
 
 
 def _slice_pixels(page: Page) -> np.ndarray:
     """The page without its text, as (HEIGHT, WIDTH, 3) uint8: black, with the slice in its box.
 
     matplotlib draws the slice (nearest-neighbour pixels, the masks' contours,
-    the frame) on an Agg canvas; it no longer draws text, which it renders
+    the frame) on an Agg canvas; it does not draw text, which it renders
     glyph by glyph in Python (two thirds of the summary's time for ~40 lines).
+    A continuation image has no slice: black, without matplotlib.
     """
+    if page.frame is None:
+        return np.zeros((HEIGHT, WIDTH, 3), dtype=np.uint8)
     fig = Figure(figsize=(WIDTH / DPI, HEIGHT / DPI), dpi=DPI, facecolor="black")
     canvas = FigureCanvasAgg(fig)
     ax = fig.add_axes(page.frame)
@@ -732,63 +1032,80 @@ def _slice_pixels(page: Page) -> np.ndarray:
     return np.array(canvas.buffer_rgba())[..., :3]
 
 
-def render(result: VersionResult, panel: Panel | None, *, algorithm_version: str) -> np.ndarray:
-    """The summary as an (HEIGHT, WIDTH, 3) uint8 RGB array: the slice by matplotlib, the text by FreeType."""
-    page = layout(result, panel, algorithm_version=algorithm_version)
+def render_page(page: Page) -> np.ndarray:
+    """One image as an (HEIGHT, WIDTH, 3) uint8 RGB array: the slice by matplotlib, fills and text by Pillow."""
     image = Image.fromarray(np.ascontiguousarray(_slice_pixels(page)), mode="RGB")
     draw = ImageDraw.Draw(image)
+    for left, top, right, bottom, colour in page.fills:
+        draw.rectangle((left, top, right, bottom), fill=colour)
     for t in page.texts:
         draw.text((t.x, t.y), t.text, font=_font(t.style), fill=t.style.colour, anchor=t.anchor)
     return np.ascontiguousarray(np.asarray(image), dtype=np.uint8)
 
 
+def render(result: VersionResult, panel: Panel | None, *, algorithm_version: str) -> list[np.ndarray]:
+    """The summary's images, each an (HEIGHT, WIDTH, 3) uint8 RGB array (usually one)."""
+    return [render_page(page) for page in layout(result, panel, algorithm_version=algorithm_version)]
+
+
 def build_summary(result: VersionResult, *, algorithm_version: str, manufacturer: str = "dicomnode",
-                  when: _dt.datetime | None = None, uid_prefix: str | None = None) -> Dataset:
-    """A Secondary Capture image (RGB) in the source study, in its own deterministic series."""
-    sc = summary_from_example(result, read_example(result), choose_panel(result), algorithm_version=algorithm_version,
-                              manufacturer=manufacturer, when=when, uid_prefix=uid_prefix)
-    log.info("built summary image for study %s version %s", result.study_id, result.version)
-    return sc
+                  when: _dt.datetime | None = None, uid_prefix: str | None = None) -> list[Dataset]:
+    """The summary as Secondary Capture images (RGB) in the source study, one deterministic series, in order."""
+    pages = summary_from_example(result, read_example(result), choose_panel(result),
+                                 algorithm_version=algorithm_version, manufacturer=manufacturer, when=when,
+                                 uid_prefix=uid_prefix)
+    log.info("built summary image(s) for study %s version %s: %d", result.study_id, result.version, len(pages))
+    return pages
 
 
 def summary_from_example(result: VersionResult, example: Dataset, panel: Panel | None, *, algorithm_version: str,
                          manufacturer: str = "dicomnode", when: _dt.datetime | None = None,
-                         uid_prefix: str | None = None) -> Dataset:
+                         uid_prefix: str | None = None) -> list[Dataset]:
     """:func:`build_summary` with the source header read and the slice chosen by the caller.
 
     ``write_reports`` reads the header once for both objects; ``warm`` passes
     a tiny synthetic header and panel, so warming reads no file.
+
+    Why further images rather than a taller one: a PACS viewer fits an image
+    to its viewport, so a page twice as tall is shown at half the size and
+    its text becomes unreadable without zooming; images of one series are
+    shown at full size and paged with the scroll wheel, as a radiologist
+    pages any series, and the viewer's own "2/2" says there is more.
     """
     when = when or _dt.datetime.now()
     uids = report_uids(result, prefix=uid_prefix)
-    pixels = render(result, panel, algorithm_version=algorithm_version)
-    sc = SCImage.from_ref_dataset(
-        ref_dataset=example,
-        pixel_array=pixels,
-        photometric_interpretation="RGB",
-        bits_allocated=8,
-        coordinate_system="PATIENT",
-        series_instance_uid=uids["sc_series"],
-        series_number=SC_SERIES_NUMBER,
-        sop_instance_uid=uids["sc_sop"],
-        instance_number=1,
-        manufacturer=manufacturer,
-        patient_orientation=("L", "P"),  # required by highdicom for PATIENT; blanked below
-        transfer_syntax_uid="1.2.840.10008.1.2.1",
-        series_description=SC_SERIES_DESCRIPTION,
-        content_date=when.date(),
-        content_time=when.time(),
-        series_date=when.date(),
-        series_time=when.time(),
-        software_versions=algorithm_version,
-    )
-    # a rendered page has no patient orientation; Type 2 lets us say "unknown" instead of lying
-    sc.PatientOrientation = None
-    # General Series Laterality is Type 2C on a paired body part: naming the (unpaired) part lets it be absent
-    sc.BodyPartExamined = str(example.get("BodyPartExamined") or "BRAIN")
-    sc.BurnedInAnnotation = "NO"  # the page carries results, never patient identity
-    sc.ImageComments = "Research use only. Not for diagnostic use."
-    stamp_time(sc, when, date_attrs=[("InstanceCreationDate", "InstanceCreationTime"),
-                                 ("DateOfSecondaryCapture", "TimeOfSecondaryCapture")])
-    log.debug("built summary image for study %s version %s", result.study_id, result.version)
-    return sc
+    out: list[Dataset] = []
+    images = render(result, panel, algorithm_version=algorithm_version)
+    for number, pixels in enumerate(images, start=1):
+        sc = SCImage.from_ref_dataset(
+            ref_dataset=example,
+            pixel_array=pixels,
+            photometric_interpretation="RGB",
+            bits_allocated=8,
+            coordinate_system="PATIENT",
+            series_instance_uid=uids["sc_series"],
+            series_number=SC_SERIES_NUMBER,
+            sop_instance_uid=summary_page_uid(result, number, prefix=uid_prefix),
+            instance_number=number,
+            manufacturer=manufacturer,
+            patient_orientation=("L", "P"),  # required by highdicom for PATIENT; blanked below
+            transfer_syntax_uid="1.2.840.10008.1.2.1",
+            series_description=SC_SERIES_DESCRIPTION,
+            content_date=when.date(),
+            content_time=when.time(),
+            series_date=when.date(),
+            series_time=when.time(),
+            software_versions=algorithm_version,
+        )
+        # a rendered page has no patient orientation; Type 2 lets us say "unknown" instead of lying
+        sc.PatientOrientation = None
+        # General Series Laterality is Type 2C on a paired body part: naming the (unpaired) part lets it be absent
+        sc.BodyPartExamined = str(example.get("BodyPartExamined") or "BRAIN")
+        sc.BurnedInAnnotation = "NO"  # the page carries results, never patient identity
+        sc.ImageComments = "Research use only. Not for diagnostic use." + (
+            f" Summary image {number} of {len(images)}." if len(images) > 1 else "")
+        stamp_time(sc, when, date_attrs=[("InstanceCreationDate", "InstanceCreationTime"),
+                                         ("DateOfSecondaryCapture", "TimeOfSecondaryCapture")])
+        out.append(sc)
+    log.debug("built %d summary image(s) for study %s version %s", len(out), result.study_id, result.version)
+    return out
