@@ -8,6 +8,7 @@ the bottom of the import graph and import nothing of ours.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 import tomllib
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "DICOMNODE_"
+# DICOMNODE_* variables that are not settings: this repository's own tests and benchmarks read them
+NOT_SETTINGS = frozenset({"DICOMNODE_TEST_ARTIFACTS", "DICOMNODE_BENCH_TREE"})
 
 
 @dataclass(frozen=True)
@@ -153,6 +156,18 @@ class Settings:
     dispatch_retry_max_s: float = 600.0
     dispatch_max_attempts: int = 100
     dispatch_poll_s: float = 2.0
+    # -- the HTTP side: dashboard, REST API, /metrics, /healthz, /readyz (docs/operations.md) ----------------
+    http_host: str = "127.0.0.1"  # beyond loopback, every request but /healthz needs credentials
+    http_port: int = 8081  # 0 turns the HTTP side off
+    # credentials, stored hashed (`dicomnode hash-secret` prints a hash): a bearer token, and/or users
+    http_token_hash: str = ""
+    http_users: dict[str, str] = field(default_factory=dict)  # user name -> password hash
+    http_tls_cert_file: str | None = None
+    http_tls_key_file: str | None = None
+    # -- retention: spool and work files of delivered versions (the index keeps the record) ------------------
+    retention_days: float = 30.0  # delivered versions older than this lose their files; 0 keeps them forever
+    retention_min_free_disk_mb: int = 4096  # under this much free space, oldest delivered versions go first
+    retention_interval_s: float = 3600.0  # how often the serve process runs the purge
 
     @property
     def data_path(self) -> Path:
@@ -192,11 +207,36 @@ class Settings:
 
 
 class SettingsError(ValueError):
-    """A setting that cannot be used; the message names the setting and the source."""
+    """A setting that cannot be used; the message names the setting and the source.
+
+    ``settings`` are the names the message is about. :func:`load_settings`
+    uses them to name where a bad value came from: an operator who set
+    ``DICOMNODE_PORT`` looks for that variable, not for ``port``.
+    """
+
+    def __init__(self, message: str, *settings: str) -> None:
+        super().__init__(message)
+        self.settings = settings
+
+
+def env_name(setting: str) -> str:
+    """The environment variable of a setting (``port`` -> ``DICOMNODE_PORT``)."""
+    return ENV_PREFIX + setting.upper()
+
+
+def _did_you_mean(name: str, choices: typing.Iterable[str]) -> str:
+    """`` (did you mean X?)`` for the nearest choice, or nothing: a typo costs one reading, not a search."""
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
-    """Defaults, then the TOML file at ``path`` (if any), then ``DICOMNODE_*`` variables."""
+    """Defaults, then the TOML file at ``path`` (if any), then ``DICOMNODE_*`` variables.
+
+    A bad value's message names its source: the variable when it came from
+    the environment, the file when it came from there. Unknown variables do
+    not stop it (see :func:`unknown_env`).
+    """
     raw: dict[str, Any] = {}
     if path is not None:
         try:
@@ -204,18 +244,55 @@ def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | N
                 raw.update(tomllib.load(fh))
         except FileNotFoundError as exc:
             raise SettingsError(f"config file not found: {path}") from exc
+        except IsADirectoryError as exc:
+            raise SettingsError(f"config file {path} is a folder, not a TOML file") from exc
+        except PermissionError as exc:
+            raise SettingsError(f"config file {path} cannot be read (permission denied)") from exc
         except tomllib.TOMLDecodeError as exc:
             raise SettingsError(f"config file {path} is not valid TOML: {exc}") from exc
     known = {f.name: f for f in dataclasses.fields(Settings)}
     unknown = sorted(set(raw) - set(known))
     if unknown:
-        raise SettingsError(f"unknown setting(s) in {path}: {', '.join(unknown)}")
+        raise SettingsError(f"unknown setting(s) in {path}: "
+                            + ", ".join(name + _did_you_mean(name, known) for name in unknown))
+    from_file = set(raw)
     env = os.environ if environ is None else environ
+    from_env: dict[str, str] = {}
     for name, fld in known.items():
-        value = env.get(ENV_PREFIX + name.upper())
+        value = env.get(env_name(name))
         if value is not None:
             raw[name] = _parse_env(name, value, _field_type(fld))
-    return _build(raw)
+            from_env[name] = env_name(name)
+    try:
+        return _build(raw)
+    except SettingsError as exc:
+        named = [from_env[n] for n in exc.settings if n in from_env]
+        if named:
+            message = str(exc)
+            for n in exc.settings:
+                message = message.removeprefix(f"setting {n}: ")
+            raise SettingsError(f"{', '.join(named)}: {message}", *exc.settings) from exc
+        if path is not None and any(n in from_file for n in exc.settings):
+            raise SettingsError(f"{exc} (in {path})", *exc.settings) from exc
+        raise
+
+
+def unknown_env(environ: Mapping[str, str] | None = None) -> list[str]:
+    """One warning per ``DICOMNODE_*`` variable that is not a setting, naming the nearest setting.
+
+    Without it a misspelt variable (``DICOMNODE_PROT``) leaves the default in
+    force without a word. A warning rather than an error: a variable left over
+    from another release, or meant for another tool, must not stop a node.
+    """
+    env = os.environ if environ is None else environ
+    names = [f.name for f in dataclasses.fields(Settings)]
+    out = []
+    for var in sorted(env):
+        if var.startswith(ENV_PREFIX) and var not in NOT_SETTINGS and var not in map(env_name, names):
+            # compared without the common prefix, which would make every name look close
+            close = difflib.get_close_matches(var.removeprefix(ENV_PREFIX).lower(), names, n=1, cutoff=0.6)
+            out.append(f"{var} is not a setting" + (f" (did you mean {env_name(close[0])}?)" if close else ""))
+    return out
 
 
 def _field_type(fld: dataclasses.Field[Any]) -> Any:
@@ -224,7 +301,8 @@ def _field_type(fld: dataclasses.Field[Any]) -> Any:
 
 
 def _parse_env(name: str, value: str, typ: Any) -> Any:
-    """Environment values are strings; lists and tables come as JSON."""
+    """Environment values are strings; lists and tables come as JSON. A bad one is named by its variable."""
+    var = env_name(name)
     base = _strip_optional(typ)
     if value == "" and base is not typ:
         return None
@@ -234,13 +312,23 @@ def _parse_env(name: str, value: str, typ: Any) -> Any:
             return True
         if lowered in {"0", "false", "no", "off"}:
             return False
-        raise SettingsError(f"{ENV_PREFIX}{name.upper()}: expected a boolean, got {value!r}")
-    if base in (int, float, str):
+        raise SettingsError(f"{var}: expected a boolean (true/false, 1/0, yes/no, on/off), got {value!r}", name)
+    if base is int:
+        try:
+            return int(value.strip())
+        except ValueError:
+            raise SettingsError(f"{var}: expected an integer, got {value!r}", name) from None
+    if base is float:
+        try:
+            return float(value.strip())
+        except ValueError:
+            raise SettingsError(f"{var}: expected a number, got {value!r}", name) from None
+    if base is str:
         return value
     try:
         return json.loads(value)
     except json.JSONDecodeError as exc:
-        raise SettingsError(f"{ENV_PREFIX}{name.upper()}: expected JSON, got {value!r} ({exc})") from exc
+        raise SettingsError(f"{var}: expected JSON, got {value!r} ({exc})", name) from exc
 
 
 def _strip_optional(typ: Any) -> Any:
@@ -261,42 +349,70 @@ def _build(raw: Mapping[str, Any]) -> Settings:
     return settings
 
 
+TABLES = {"checkpoint_pins": "a table family -> checkpoint", "http_users": "a table user -> password hash"}
+
+
 def _coerce(name: str, value: Any, typ: Any) -> Any:
     base = _strip_optional(typ)
     if value is None:
         if base is typ:
-            raise SettingsError(f"setting {name} may not be empty")
+            raise SettingsError(f"setting {name} may not be empty", name)
         return None
     try:
         if name == "allowed_peers":
+            if isinstance(value, (str, Mapping)):
+                raise TypeError(f"expected a list of peers, got {value!r}")
             return tuple(_peer(p) for p in value)
         if name == "tls":
             if isinstance(value, TLSSettings):
                 return value
-            return TLSSettings(**dict(value))
+            return TLSSettings(**_table(value, TLSSettings, "tls"))
         if name == "destinations":
+            if isinstance(value, (str, Mapping)):
+                raise TypeError(f"expected a list of destinations, got {value!r}")
             return tuple(_destination(d) for d in value)
-        if name == "checkpoint_pins":
+        if name in TABLES:
             if not isinstance(value, Mapping):
-                raise TypeError(f"expected a table family -> checkpoint, got {value!r}")
+                raise TypeError(f"expected {TABLES[name]}, got {value!r}")
             return {str(k): str(v) for k, v in value.items()}
         if base is bool:
             if isinstance(value, bool):
                 return value
             raise TypeError(f"expected true/false, got {value!r}")
         if base is int:
-            if isinstance(value, bool):
-                raise TypeError("expected an integer")
-            return int(value)
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError(f"expected an integer, got {value!r}")
+            try:
+                return int(value)
+            except (TypeError, ValueError):
+                raise TypeError(f"expected an integer, got {value!r}") from None
         if base is float:
-            return float(value)
+            if isinstance(value, bool):
+                raise TypeError(f"expected a number, got {value!r}")
+            try:
+                return float(value)
+            except (TypeError, ValueError):
+                raise TypeError(f"expected a number, got {value!r}") from None
         if base is str:
             if not isinstance(value, str):
                 raise TypeError(f"expected a string, got {value!r}")
             return value
-    except (TypeError, ValueError) as exc:
-        raise SettingsError(f"setting {name}: {exc}") from exc
+    except (TypeError, ValueError, KeyError) as exc:
+        detail = f"missing key {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise SettingsError(f"setting {name}: {detail}", name) from exc
     return value
+
+
+def _table(value: Any, cls: type, what: str) -> dict[str, Any]:
+    """A TOML/JSON table for ``cls``: unknown keys are named (with the nearest known one), not a TypeError."""
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{what} must be a table, got {value!r}")
+    keys = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(value) - set(keys))
+    if unknown:
+        raise TypeError(f"{what} has unknown key(s) "
+                        + ", ".join(repr(k) + _did_you_mean(str(k), keys) for k in unknown))
+    return dict(value)
 
 
 def _peer(value: Any) -> Peer:
@@ -322,12 +438,12 @@ def _destination(value: Any) -> DestinationSettings:
             raise TypeError(f"destination {value!r} is not AET@host:port")
         return DestinationSettings(aet.strip(), host.strip(), int(port))
     if isinstance(value, Mapping):
-        unknown = set(value) - {"ae_title", "host", "port", "tls", "confirm", "confirm_after_s", "confirm_timeout_s"}
+        keys = ("ae_title", "host", "port", "tls", "confirm", "confirm_after_s", "confirm_timeout_s")
+        unknown = sorted(set(value) - set(keys))
         if unknown:
-            raise TypeError(f"destination has unknown key(s) {sorted(unknown)}")
-        tls = value.get("tls") or {}
-        if not isinstance(tls, Mapping):
-            raise TypeError("destination tls must be a table")
+            raise TypeError("destination has unknown key(s) "
+                            + ", ".join(repr(k) + _did_you_mean(str(k), keys) for k in unknown))
+        tls = _table(value.get("tls") or {}, ClientTLS, "destination tls")
         confirm = value.get("confirm", DestinationSettings.confirm)
         if not isinstance(confirm, str):
             raise TypeError(f"destination confirm must be one of {', '.join(CONFIRM_CHOICES)}, got {confirm!r}")
@@ -338,71 +454,97 @@ def _destination(value: Any) -> DestinationSettings:
 
 
 def _validate(s: Settings) -> None:
-    aets = [s.ae_title] + [p.ae_title for p in s.allowed_peers]
-    for aet in aets:
+    """Values that parse but cannot work; each error names the settings it is about (see :class:`SettingsError`)."""
+    for aet, where in [(s.ae_title, "ae_title")] + [(p.ae_title, "allowed_peers") for p in s.allowed_peers]:
         if not aet or len(aet) > 16 or "\\" in aet or not aet.isprintable():
-            raise SettingsError(f"invalid AE title {aet!r}: 1-16 printable characters, no backslash")
+            raise SettingsError(f"invalid AE title {aet!r} in {where}: 1-16 printable characters, no backslash", where)
     if not 0 < s.port < 65536:
-        raise SettingsError(f"port {s.port} out of range")
+        raise SettingsError(f"port {s.port} out of range (1-65535)", "port")
     if s.max_associations < 1:
-        raise SettingsError("max_associations must be at least 1")
+        raise SettingsError("max_associations must be at least 1", "max_associations")
     if s.max_associations_per_peer < 1:
-        raise SettingsError("max_associations_per_peer must be at least 1")
+        raise SettingsError("max_associations_per_peer must be at least 1", "max_associations_per_peer")
     if not (0 < s.artim_timeout_s < float("inf") and 0 < s.stall_timeout_s <= s.network_timeout_s):
         raise SettingsError("need artim_timeout_s > 0 and 0 < stall_timeout_s <= network_timeout_s (a stall "
-                            "mid-dataset is cut before the general idle timeout)")
+                            "mid-dataset is cut before the general idle timeout)",
+                            "artim_timeout_s", "stall_timeout_s", "network_timeout_s")
     if s.max_pdu != 0 and not 4096 <= s.max_pdu <= 0xFFFFFFFF:
         raise SettingsError(f"max_pdu {s.max_pdu} must be 0 (unlimited: a peer may make the node buffer "
-                            f"gigabytes) or from 4096 to 4294967295 bytes")
+                            f"gigabytes) or from 4096 to 4294967295 bytes", "max_pdu")
     if s.quiet_period_s <= 0:
-        raise SettingsError("quiet_period_s must be positive")
+        raise SettingsError("quiet_period_s must be positive", "quiet_period_s")
     if s.release_quiet_s is not None and not 0 <= s.release_quiet_s <= s.quiet_period_s:
-        raise SettingsError("release_quiet_s must be between 0 and quiet_period_s")
+        raise SettingsError("release_quiet_s must be between 0 and quiet_period_s", "release_quiet_s", "quiet_period_s")
     if s.tls.require_client_cert and not s.tls.ca_file:
-        raise SettingsError("tls.require_client_cert needs tls.ca_file")
+        raise SettingsError("tls.require_client_cert needs tls.ca_file", "tls")
     if bool(s.tls.cert_file) != bool(s.tls.key_file) or (
         (s.tls.ca_file or s.tls.require_client_cert) and not s.tls.enabled
     ):
-        raise SettingsError("tls needs both cert_file and key_file")
+        raise SettingsError("tls needs both cert_file and key_file", "tls")
     for d in s.destinations:
         if not d.ae_title or len(d.ae_title) > 16 or "\\" in d.ae_title:
-            raise SettingsError(f"destination AE title {d.ae_title!r}: 1-16 characters, no backslash")
+            raise SettingsError(f"destination AE title {d.ae_title!r}: 1-16 characters, no backslash", "destinations")
         if not 0 < d.port < 65536:
-            raise SettingsError(f"destination {d.name}: port out of range")
+            raise SettingsError(f"destination {d.name}: port out of range", "destinations")
         if d.confirm not in CONFIRM_CHOICES:
             raise SettingsError(f"destination {d.name}: confirm {d.confirm!r} is not one of "
-                                f"{', '.join(CONFIRM_CHOICES)}")
+                                f"{', '.join(CONFIRM_CHOICES)}", "destinations")
         if d.confirm_after_s < 0 or d.confirm_timeout_s <= 0:
-            raise SettingsError(f"destination {d.name}: confirm_after_s must be >= 0 and confirm_timeout_s positive")
+            raise SettingsError(f"destination {d.name}: confirm_after_s must be >= 0 and confirm_timeout_s positive",
+                                "destinations")
     if s.serve_worker not in SERVE_WORKER_CHOICES:
-        raise SettingsError(f"serve_worker {s.serve_worker!r} is not one of {', '.join(SERVE_WORKER_CHOICES)}")
+        raise SettingsError(f"serve_worker {s.serve_worker!r} is not one of {', '.join(SERVE_WORKER_CHOICES)}",
+                            "serve_worker")
     if s.broker_url and not s.broker_url.startswith(("redis://", "rediss://", "memory://")):
-        raise SettingsError(f"broker_url {s.broker_url!r}: use redis://host:port/db (or leave empty for embedded)")
+        raise SettingsError(f"broker_url {s.broker_url!r}: use redis://host:port/db (or leave empty for embedded)",
+                            "broker_url")
     if s.device not in ("auto", "cpu", "cuda"):
-        raise SettingsError(f"device {s.device!r} is not auto, cpu or cuda")
+        raise SettingsError(f"device {s.device!r} is not auto, cpu or cuda", "device")
     if not 0 < s.task_soft_time_limit_s < s.task_hard_time_limit_s < s.broker_visibility_timeout_s:
         raise SettingsError("need 0 < task_soft_time_limit_s < task_hard_time_limit_s < broker_visibility_timeout_s "
-                            "(a task running past the visibility timeout is delivered twice)")
+                            "(a task running past the visibility timeout is delivered twice)",
+                            "task_soft_time_limit_s", "task_hard_time_limit_s", "broker_visibility_timeout_s")
     if s.torch_threads < 0:
         raise SettingsError(f"torch_threads {s.torch_threads} must be 0 (auto: this host's cores // the worker's "
-                            f"task slots) or a positive number of threads per task slot")
-    if s.max_deliveries < 1 or s.worker_concurrency < 1 or s.dispatch_max_attempts < 1:
-        raise SettingsError("max_deliveries, worker_concurrency and dispatch_max_attempts must be at least 1")
+                            f"task slots) or a positive number of threads per task slot", "torch_threads")
+    for name in ("max_deliveries", "worker_concurrency", "dispatch_max_attempts"):
+        if getattr(s, name) < 1:
+            raise SettingsError(f"{name} {getattr(s, name)} must be at least 1", name)
     if not 0 < s.dispatch_retry_initial_s <= s.dispatch_retry_max_s:
-        raise SettingsError("need 0 < dispatch_retry_initial_s <= dispatch_retry_max_s")
+        raise SettingsError("need 0 < dispatch_retry_initial_s <= dispatch_retry_max_s",
+                            "dispatch_retry_initial_s", "dispatch_retry_max_s")
+    if s.dispatch_poll_s <= 0 or s.assembly_poll_s <= 0 or s.reconcile_interval_s <= 0:
+        raise SettingsError("dispatch_poll_s, assembly_poll_s and reconcile_interval_s must be positive",
+                            "dispatch_poll_s", "assembly_poll_s", "reconcile_interval_s")
+    if s.min_free_disk_mb < 0:
+        raise SettingsError(f"min_free_disk_mb {s.min_free_disk_mb} must be >= 0", "min_free_disk_mb")
     if not (s.gate_margin >= 0 and s.gate_margin < float("inf")):
         raise SettingsError(f"gate_margin {s.gate_margin!r} must be a finite number >= 0 (a fraction of each "
-                            f"training range's width)")
+                            f"training range's width)", "gate_margin")
     if not (s.gate_feature_factor > 0 and s.gate_feature_factor < float("inf")):
-        raise SettingsError(f"gate_feature_factor {s.gate_feature_factor!r} must be a finite number > 0")
+        raise SettingsError(f"gate_feature_factor {s.gate_feature_factor!r} must be a finite number > 0",
+                            "gate_feature_factor")
     if s.gate_unchecked not in GATE_UNCHECKED_CHOICES:
-        raise SettingsError(f"gate_unchecked {s.gate_unchecked!r} is not one of {', '.join(GATE_UNCHECKED_CHOICES)}")
+        raise SettingsError(f"gate_unchecked {s.gate_unchecked!r} is not one of {', '.join(GATE_UNCHECKED_CHOICES)}",
+                            "gate_unchecked")
     for name in ("floor_auc", "floor_sensitivity", "floor_specificity"):
         value = getattr(s, name)
         if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
-            raise SettingsError(f"{name} {value!r} must be a number from 0 to 1 (0 disables that check)")
+            raise SettingsError(f"{name} {value!r} must be a number from 0 to 1 (0 disables that check)", name)
+    if not (s.http_port == 0 or 0 < s.http_port < 65536):
+        raise SettingsError(f"http_port {s.http_port} out of range (0 turns the HTTP side off)", "http_port")
+    if s.http_port and s.http_port == s.port:
+        raise SettingsError(f"http_port {s.http_port} is also the DICOM port (setting port): give the HTTP side "
+                            f"another port, or 0 to turn it off", "http_port")
+    if bool(s.http_tls_cert_file) != bool(s.http_tls_key_file):
+        raise SettingsError("HTTP TLS needs both http_tls_cert_file and http_tls_key_file",
+                            "http_tls_cert_file", "http_tls_key_file")
+    if s.retention_days < 0 or s.retention_min_free_disk_mb < 0 or s.retention_interval_s <= 0:
+        raise SettingsError("retention_days and retention_min_free_disk_mb must be >= 0 (0 turns that rule off) "
+                            "and retention_interval_s positive",
+                            "retention_days", "retention_min_free_disk_mb", "retention_interval_s")
     if s.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
-        raise SettingsError(f"log_level {s.log_level!r} is not DEBUG, INFO, WARNING or ERROR")
+        raise SettingsError(f"log_level {s.log_level!r} is not DEBUG, INFO, WARNING or ERROR", "log_level")
 
 
 def settings_reference() -> list[tuple[str, str, str]]:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from dicomnode.config import Peer, Settings, SettingsError, load_settings, settings_reference
+from dicomnode.config import Peer, Settings, SettingsError, load_settings, settings_reference, unknown_env
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -125,3 +125,62 @@ def test_torch_threads_auto_by_default_a_count_from_file_or_env_and_never_negati
         load_settings(None, environ={"DICOMNODE_TORCH_THREADS": "-1"})
     with pytest.raises(SettingsError, match="torch_threads"):
         load_settings(write(tmp_path, 'torch_threads = "many"'), environ={})
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"DICOMNODE_PORT": "abc"}, "DICOMNODE_PORT: expected an integer, got 'abc'"),
+        ({"DICOMNODE_PORT": "11112.5"}, "DICOMNODE_PORT: expected an integer, got '11112.5'"),
+        ({"DICOMNODE_QUIET_PERIOD_S": "soon"}, "DICOMNODE_QUIET_PERIOD_S: expected a number, got 'soon'"),
+        ({"DICOMNODE_FSYNC": "maybe"}, "DICOMNODE_FSYNC: expected a boolean"),
+        ({"DICOMNODE_ALLOWED_PEERS": "[PACS]"}, "DICOMNODE_ALLOWED_PEERS: expected JSON, got '[PACS]'"),
+        ({"DICOMNODE_ALLOWED_PEERS": '"PACS"'}, "DICOMNODE_ALLOWED_PEERS: expected a list of peers, got 'PACS'"),
+        ({"DICOMNODE_CHECKPOINT_PINS": '["a"]'}, "DICOMNODE_CHECKPOINT_PINS: expected a table family -> checkpoint"),
+        ({"DICOMNODE_DESTINATIONS": '[{"ae_title": "A", "host": "h"}]'}, "DICOMNODE_DESTINATIONS: missing key 'port'"),
+        ({"DICOMNODE_TLS": '{"cert": "/a.crt"}'},
+         "DICOMNODE_TLS: tls has unknown key(s) 'cert' (did you mean cert_file?)"),
+        # validation of a value that came from the environment names the variable too
+        ({"DICOMNODE_PORT": "70000"}, "DICOMNODE_PORT: port 70000 out of range"),
+        ({"DICOMNODE_LOG_LEVEL": "LOUD"}, "DICOMNODE_LOG_LEVEL: log_level 'LOUD' is not"),
+        ({"DICOMNODE_TASK_HARD_TIME_LIMIT_S": "5000"}, "DICOMNODE_TASK_HARD_TIME_LIMIT_S: need 0 < task_soft"),
+        ({"DICOMNODE_AE_TITLE": ""}, "DICOMNODE_AE_TITLE: invalid AE title ''"),
+    ],
+)
+def test_a_bad_environment_value_names_its_variable(env: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings(None, environ=env)
+    assert str(caught.value).startswith(message), str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_bad_file_value_names_the_file_and_an_unknown_key_the_nearest_setting(tmp_path: Path) -> None:
+    cfg = write(tmp_path, "port = 70000")
+    with pytest.raises(SettingsError, match=rf"^port 70000 out of range \(1-65535\) \(in {cfg}\)$"):
+        load_settings(cfg, environ={})
+    with pytest.raises(SettingsError, match=r"unknown setting\(s\) in .*: portt \(did you mean port\?\), zzz$"):
+        load_settings(write(tmp_path, "portt = 1\nzzz = 2"), environ={})
+    with pytest.raises(SettingsError, match=r"^setting port: expected an integer, got 'abc'"):
+        load_settings(write(tmp_path, 'port = "abc"'), environ={})
+    with pytest.raises(SettingsError, match=r"^setting port: expected an integer, got 1\.5"):
+        load_settings(write(tmp_path, "port = 1.5"), environ={})
+    # the environment wins over the file, and a bad value there is named as the variable
+    with pytest.raises(SettingsError, match=r"^DICOMNODE_PORT: port 0 out of range"):
+        load_settings(write(tmp_path, "port = 4242"), environ={"DICOMNODE_PORT": "0"})
+
+
+def test_unknown_variables_are_warnings_with_the_nearest_setting() -> None:
+    env = {"DICOMNODE_PROT": "11113", "DICOMNODE_PORT": "11112", "DICOMNODE_ZZZ": "1", "HOME": "/root",
+           "DICOMNODE_TEST_ARTIFACTS": "/tmp/a"}
+    assert unknown_env(env) == ["DICOMNODE_PROT is not a setting (did you mean DICOMNODE_PORT?)",
+                                "DICOMNODE_ZZZ is not a setting"]
+    assert load_settings(None, environ=env).port == 11112  # a warning: the settings still load
+    assert unknown_env({"DICOMNODE_PORT": "1"}) == []
+    assert unknown_env({"DICOMNODE_port": "1"}) == ["DICOMNODE_port is not a setting (did you mean DICOMNODE_PORT?)"]
+
+
+def test_the_http_port_may_not_be_the_dicom_port() -> None:
+    """Both would bind one port: the HTTP side first, then the listener would fail with a less clear message."""
+    with pytest.raises(SettingsError, match="http_port 11112 is also the DICOM port"):
+        load_settings(environ={"DICOMNODE_HTTP_PORT": "11112"})
+    assert load_settings(environ={"DICOMNODE_HTTP_PORT": "0", "DICOMNODE_PORT": "11112"}).http_port == 0

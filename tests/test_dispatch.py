@@ -393,6 +393,17 @@ def test_dimse_timeout_is_retried(tmp_path: Path, make_outbox, scps) -> None:
     assert r["state"] == PENDING and r["last_status"] is None and "no C-STORE response" in r["last_error"]
 
 
+def test_a_destination_whose_host_does_not_resolve_is_retried_with_the_reason(tmp_path: Path, make_outbox) -> None:
+    # pynetdicom lets the resolver's error out of associate(): the pump must record it, not die on it
+    s = settings_for(tmp_path / "data", {"ae_title": "PACS", "host": "no-such-host.invalid", "port": 104})
+    outbox = make_outbox(s)
+    outbox.enqueue([write_sc(s.data_path)], study_id=7, version_id=1)
+    assert len(outbox.pump().retrying) == 1
+    r = row(outbox)
+    assert r["state"] == PENDING and "'no-such-host.invalid'" in r["last_error"]
+    assert "cannot be resolved" in r["last_error"]
+
+
 # -- (e) the outbox survives a restart -----------------------------------------------------
 
 

@@ -21,6 +21,7 @@ sleeps (1, 2, 5, 10 ms ...) between its retries.
 """
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import socket
@@ -79,6 +80,32 @@ class Refused(Exception):
         super().__init__(comment)
         self.status = status
         self.comment = comment
+
+
+class ListenError(OSError):
+    """The listener cannot have its address; ``str()`` is one line for the operator, naming the setting.
+
+    An OSError still (with the ``errno`` of the cause), so callers that catch
+    OSError at start-up keep working; only the wording is the node's.
+    """
+
+    def __init__(self, message: str, errno_: int | None) -> None:
+        super().__init__(message)
+        self.errno = errno_
+
+
+def listen_problem(exc: OSError, host: str, port: int) -> str:
+    """Why the listener could not bind ``host:port``, in the operator's terms (the settings, not the errno)."""
+    if isinstance(exc, socket.gaierror):
+        return f"host {host!r} cannot be resolved ({exc.strerror}) (setting host / DICOMNODE_HOST)"
+    if exc.errno == errno.EADDRINUSE:
+        return f"port {port} on {host} is already in use (setting port / DICOMNODE_PORT)"
+    if exc.errno == errno.EACCES:
+        return (f"port {port} on {host} needs privileges this process lacks (ports under 1024 need root or "
+                f"CAP_NET_BIND_SERVICE; the DICOM default is 11112) (setting port / DICOMNODE_PORT)")
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"host {host} is not an address of this machine (setting host / DICOMNODE_HOST)"
+    return f"cannot listen on {host}:{port}: {exc.strerror or exc} (settings host, port)"
 
 
 def valid_uid(value: Any) -> bool:
@@ -395,7 +422,10 @@ class StorageSCP:
             (evt.EVT_CONN_CLOSE, self._on_ended),
             *commitment_handlers(self.index, s),  # storage commitment reports on new associations
         ]
-        self.server = start_server(self.build_ae(), (s.host, s.port), handlers, self._ssl_context())
+        try:
+            self.server = start_server(self.build_ae(), (s.host, s.port), handlers, self._ssl_context())
+        except OSError as exc:  # port taken, privileged, or an address that is not ours: one line, not a traceback
+            raise ListenError(listen_problem(exc, s.host, s.port), exc.errno) from exc
         log.info("listening as %s on %s:%d (TLS %s)", s.ae_title, s.host, self.port, "on" if s.tls.enabled else "off")
 
     @property

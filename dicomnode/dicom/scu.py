@@ -181,14 +181,20 @@ def associate(
     for sop_class, transfer_syntax in contexts:
         ae.add_requested_context(sop_class, [transfer_syntax])
     connected: list[bool] = []
-    assoc = ae.associate(
-        dest.host,
-        dest.port,
-        ae_title=dest.ae_title,
-        max_pdu=max_pdu,
-        tls_args=(ctx, dest.host) if ctx is not None else None,
-        evt_handlers=[(evt.EVT_CONN_OPEN, lambda _event: connected.append(True))],
-    )
+    try:
+        assoc = ae.associate(
+            dest.host,
+            dest.port,
+            ae_title=dest.ae_title,
+            max_pdu=max_pdu,
+            tls_args=(ctx, dest.host) if ctx is not None else None,
+            evt_handlers=[(evt.EVT_CONN_OPEN, lambda _event: connected.append(True))],
+        )
+    except socket.gaierror as exc:
+        # pynetdicom resolves the name before it connects and lets the error out. A name that does not
+        # resolve may be a DNS outage as well as a typo: retried (and parked after dispatch_max_attempts)
+        raise AssociationFailed(Outcome(Verdict.RETRY, None, f"host {dest.host!r} of {dest.name} cannot be "
+                                                             f"resolved ({exc.strerror or exc})")) from None
     if not assoc.is_established:
         raise AssociationFailed(association_failure(assoc, dest, bool(connected)))
     no_delay(assoc)

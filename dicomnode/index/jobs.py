@@ -159,7 +159,12 @@ class Jobs:
                                                   detail={"stage": stage}))
 
     def retry(self, version_id: int | None = None) -> list[JobRef]:
-        """Operator action: failed steps back to pending, with a fresh delivery count."""
+        """Operator action: failed steps back to pending, with a fresh delivery count.
+
+        ``sent_at`` is cleared too: the periodic reconcile re-sends a pending step only once its last message
+        is older than the broker's visibility timeout (an hour), so a retried step that kept its old
+        ``sent_at`` would wait that long; with none it is queued at the next reconcile.
+        """
         with self.index.engine.begin() as c:
             q = select(Job.version_id, Job.stage).where(Job.state == FAILED)
             if version_id is not None:
@@ -167,7 +172,8 @@ class Jobs:
             refs = [JobRef(v, s) for v, s in c.execute(q).all()]
             for r in refs:
                 c.execute(update(Job).where(Job.version_id == r.version_id, Job.stage == r.stage)
-                          .values(state=PENDING, deliveries=0, error=None, holder=None, lease_until=None))
+                          .values(state=PENDING, deliveries=0, error=None, holder=None, lease_until=None,
+                                  sent_at=None))
         return refs
 
     def mark_sent(self, version_id: int, stage: str, now: float | None = None) -> None:

@@ -53,7 +53,13 @@ class Reports:
         self.index = index
         self.data_path = data_path
 
-    def record(self, info: VersionInfo, files: list[Path], result: VersionResult, *, sent_report: bool) -> None:
+    def record(self, info: VersionInfo, files: list[Path], result: VersionResult) -> None:
+        """Store the version's report: its files (none when nothing was written) and its summary.
+
+        The summary says ``report_written`` (files were made), never whether
+        they reached a PACS: that is the outbox's to know, and the status
+        document computes it from the deliveries (runtime.monitor).
+        """
         sr_uid = sr_series = None
         rel: list[str] = []
         uids: list[str] = []
@@ -69,7 +75,7 @@ class Reports:
             c.execute(insert(ReportRow).values(
                 version_id=info.version_id, study_id=info.study_id, version=info.version,
                 sr_sop_instance_uid=sr_uid, sr_series_instance_uid=sr_series, files=rel,
-                summary={**summarise(result), "report_sent": sent_report}, created_at=time.time()))
+                summary={**summarise(result), "report_written": bool(files)}, created_at=time.time()))
 
     def files(self, version_id: int) -> list[str]:
         with self.index.engine.connect() as c:
@@ -88,7 +94,14 @@ class Reports:
         return Superseded(row[0], row[1], row[2]) if row else None
 
     def by_version(self) -> dict[int, dict[str, Any]]:
+        """Each version's report as stored; rows written before ``report_written`` existed get it from their files.
+
+        Those older rows carry ``report_sent``, which meant "written"; it is
+        passed through as stored (the status document overwrites it with what
+        the outbox knows).
+        """
         with self.index.engine.connect() as c:
             rows = c.execute(select(ReportRow.version_id, ReportRow.sr_sop_instance_uid, ReportRow.files,
                                     ReportRow.summary)).all()
-        return {v: {"sr_sop_instance_uid": uid, "files": files, **summary} for v, uid, files, summary in rows}
+        return {v: {"sr_sop_instance_uid": uid, "files": files, "report_written": bool(files), **summary}
+                for v, uid, files, summary in rows}

@@ -60,6 +60,12 @@ log = logging.getLogger(__name__)
 STATES = (PENDING, SENT, PARKED)
 CONFIRMATIONS = (AWAITING, CONFIRMED, UNCONFIRMED, FAILED)  # of a sent row; see dicom.commit
 
+# One wording for "nothing configured to send to", wherever an operator meets it: the serve start-up
+# warning and this stage's answer begin with NO_DESTINATIONS; a version's delivery in status says
+# NOT_SENT_NO_DESTINATION (reports are still written under data_dir/reports).
+NO_DESTINATIONS = "no destinations configured"
+NOT_SENT_NO_DESTINATION = "not sent: no destination"
+
 
 @dataclass
 class PumpResult:
@@ -577,7 +583,7 @@ def run(ctx: StageContext, info: VersionInfo) -> dict[str, Any]:
     if not files:
         return {"queued": 0, "why": "no report for this version"}
     if not ctx.settings.destinations:
-        return {"queued": 0, "why": "no destinations configured"}
+        return {"queued": 0, "why": f"{NO_DESTINATIONS}: the report is written but sent nowhere (setting destinations)"}
     box = outbox(ctx)
     n = box.enqueue([ctx.settings.data_path / f for f in files], study_id=info.study_id, version_id=info.version_id)
     if ctx.after_dispatch is not None:
