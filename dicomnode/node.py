@@ -22,6 +22,14 @@ Start-up order, and why the port opens where it does (:meth:`Node.start`):
 
 The result: the listener answers after the imports the edge needs (pydicom,
 pynetdicom, SQLAlchemy) and the index check, and never waits for torch.
+
+The HTTP side (``http_port``; 0 turns it off) takes its socket at the end of
+``Node()``, before the DICOM port opens, so a busy ``http_port``, unreadable
+TLS files or a node facing the network without credentials stop start-up
+with one line (``dicomnode serve`` exits 2) rather than leaving a node whose
+dashboard never came up. It serves from its own thread from :meth:`Node.start`
+on, reading the same index, and is stopped first by :meth:`Node.stop`, so no
+operator action arrives while the rest shuts down.
 """
 from __future__ import annotations
 
@@ -35,9 +43,11 @@ from dicomnode.config import Settings
 from dicomnode.dicom.scp import StorageSCP
 from dicomnode.index.studies import DueVersion, Index
 from dicomnode.runtime.dispatcher import Dispatcher
+from dicomnode.runtime.retention import RetentionLoop
 from dicomnode.runtime.service import Pipeline
 from dicomnode.spool import Spool
 from dicomnode.stages.dispatch import Outbox
+from dicomnode.web.server import WebServer
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +62,23 @@ class Node:
         self.dispatcher = Dispatcher(self.outbox, settings.dispatch_poll_s)
         self.pipeline = Pipeline(settings, self.index, after_dispatch=self.dispatcher.nudge)
         self.assembler = Assembler(settings, self.index, self.spool, on_complete=self._on_complete)
+        self.retention = RetentionLoop(settings, self.index)  # docs/retention.md: delivered versions' files only
         self.scp = StorageSCP(settings, self.index, self.spool, on_release=self.assembler.nudge)
         self.ready = threading.Event()  # set once the back half (pipeline, dispatcher, assembler) runs
         self.failure: str | None = None  # why the back half could not start (the node then stops)
         self._stopped = threading.Event()
         self._back: threading.Thread | None = None
+        self.web: WebServer | None = None
+        if settings.http_port:
+            try:
+                # an operator retry from the dashboard: the step is queued at once (pipeline.send) and the
+                # dispatcher pumps at once (a re-queued delivery), instead of at their next periodic pass
+                self.web = WebServer(settings, index=self.index, listener=self.scp, ready=self.ready.is_set,
+                                     nudge=self.dispatcher.nudge, requeue=self.pipeline.send)
+                self.web.bind()
+            except BaseException:
+                self.index.close()
+                raise
 
     def _on_complete(self, due: DueVersion) -> None:
         self.pipeline.start_version(due.version_id, due.study_id)
@@ -67,6 +89,8 @@ class Node:
         Returns once the port is open; :meth:`wait_ready` waits for the rest.
         """
         self.spool.recover(self.index.known_paths())
+        if self.web is not None:
+            self.web.start()
         self.scp.start()
         self._back = threading.Thread(target=self._start_back, name="start-back", daemon=True)
         self._back.start()
@@ -76,6 +100,7 @@ class Node:
             self.index.add_event("node_started", f"listening as {self.settings.ae_title} on port {self.scp.port}")
             self.pipeline.start(self.settings.serve_queues)
             self.dispatcher.start()
+            self.retention.start()
             self.assembler.start()
         except Exception as exc:  # a node that cannot process what it receives must not pretend to be up
             self.failure = f"{type(exc).__name__}: {exc}"
@@ -91,10 +116,13 @@ class Node:
         return self.ready.is_set()
 
     def stop(self) -> None:
+        if self.web is not None:
+            self.web.stop()
         self.scp.stop()
         if self._back is not None:
             self._back.join(timeout=60)  # a start in progress finishes first, so that everything it began is stopped
         self.assembler.stop()
+        self.retention.stop()
         self.pipeline.stop()
         self.dispatcher.stop()
         self.index.add_event("node_stopped", "clean shutdown" if self.failure is None else

@@ -78,6 +78,8 @@ class NodeProcess:
             "quiet_period_s": 60,
             "assembly_poll_s": 0.2,
             "log_level": "INFO",
+            "http_port": 0,  # the HTTP side only where a test asks for it (give a free_port())
+            "retention_min_free_disk_mb": 0,  # tests on small tmpfs mounts keep their delivered files
             **settings,
         }
         self.proc: subprocess.Popen[bytes] | None = None

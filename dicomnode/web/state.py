@@ -24,5 +24,11 @@ class WebState:
     # True once the node's back half (pipeline, dispatcher, assembler) runs; None in `dicomnode web`
     ready: Callable[[], bool] | None = None
     # called after an operator retry so the running node acts at once instead of at its next reconcile
+    # (the serve process: the dispatcher's nudge, so a re-queued delivery goes out now)
     nudge: Callable[[], None] | None = None
+    # queue one pipeline step now (version id, stage): the pipeline's ``send``, which records ``sent_at``.
+    # Why apart from ``nudge``: a step set back to pending keeps the ``sent_at`` of its last message, and
+    # the periodic reconcile re-sends a pending step only once that is older than the broker's visibility
+    # timeout (an hour), so without an explicit send a retried step would wait that long.
+    requeue: Callable[[int, str], None] | None = None
     started_at: float = field(default_factory=time.time)
