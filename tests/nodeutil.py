@@ -57,6 +57,19 @@ def epoch(iso: str) -> float:
     return timegm(time.strptime(whole, "%Y-%m-%dT%H:%M:%S")) + (int(frac) / 1000 if frac else 0.0)
 
 
+def terminate(proc: subprocess.Popen[Any], timeout: float = 120) -> int:
+    """SIGTERM and wait (SIGKILL past ``timeout``, then raise): the exit status of a clean shutdown."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
+    return int(proc.returncode)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -115,13 +128,11 @@ class NodeProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+        if self.proc:
             try:
-                self.proc.wait(timeout=120)
+                terminate(self.proc)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+                pass  # killed: the tests that care about a clean stop check the exit status themselves
 
     def kill9(self) -> None:
         assert self.proc is not None

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import socket
 import subprocess
 import time
@@ -44,7 +43,8 @@ from dicomnode.spool import Spool
 from dicomnode.stages.dispatch import Outbox
 from dicomnode.web import health, metrics
 from dicomnode.web.state import WebState
-from nodeutil import NODE_AET, PROCESS_TIMEOUT_S, NodeProcess, associate, free_port, mr_dataset, store, wait_until
+from nodeutil import (NODE_AET, PROCESS_TIMEOUT_S, NodeProcess, associate, free_port, mr_dataset, store, terminate,
+                      wait_until)
 
 PROMETHEUS = Path("/usr/bin/prometheus")
 PROMTOOL = Path("/usr/bin/promtool")
@@ -104,15 +104,7 @@ class Prometheus:
 
     def stop(self) -> int:
         """SIGTERM and wait: the exit status of a clean shutdown."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                raise
-        return int(self.proc.returncode)
+        return terminate(self.proc)
 
 
 # -- (a) a real Prometheus scraping a real `dicomnode serve` -------------------------------------
