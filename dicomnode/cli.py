@@ -469,7 +469,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if settings.data_dir == Settings().data_dir:  # the demo keeps its data apart from a real node's
         settings = settings.replace(data_dir=str(workdir / "node-data"),
                                     checkpoints_dir=settings.checkpoints_dir or str(workdir / "checkpoints"))
-    return run_demo(settings, workdir, without_t1ce=args.without_t1ce, quick=args.quick)
+    return run_demo(settings, workdir, without_t1ce=args.without_t1ce, quick=args.quick, progress=not args.quiet)
 
 
 def _db_where(settings: Settings) -> str:
@@ -597,6 +597,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--workdir", default="./dicomnode-demo", help="where the demo writes everything")
     sp.add_argument("--without-t1ce", action="store_true", help="send T1, T2, FLAIR only (the PromptNet path)")
     sp.add_argument("--verbose", action="store_true", help="the node's log on the terminal")
+    sp.add_argument("--quiet", action="store_true",
+                    help="for scripts: no training progress, send progress or heartbeats (the lines that open and "
+                         "close each step and the closing summary remain)")
     sp.add_argument("--quick", action="store_true",
                     help="smoke test: tiny demo models in seconds (they grade nothing meaningfully)")
     sp.set_defaults(func=cmd_demo)

@@ -10,6 +10,7 @@ python -m training evaluate RUN                      # rebuild tables and figure
 python -m training export RUN --to DIR [--rows ...] [--repeat K]
 python -m training table1 --data DIR --out RUN       # seed 000's Table 1 on the small synthetic cohort
 python -m training demo-checkpoints --out DIR [--work DIR] [--seed N] [--threads N] [--no-mmdlm] [--size demo|tiny]
+                                    [--quiet]
 python -m training prepare [PROTOCOL] --data PATH --cache DIR [--spec FILE.json ...] [--profile small]
                            [--config F] [--set k=v ...] [--workers N] [--retry-failed] [--rebuild] [--quiet]
 ```
@@ -94,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--threads", type=int, default=2)
     dm.add_argument("--size", choices=("demo", "tiny"), default="demo")
     dm.add_argument("--no-mmdlm", action="store_true", help="skip MMDLM")
+    dm.add_argument("--quiet", action="store_true",
+                    help="no progress on stderr (default: a line per step, and per model a bar on a terminal "
+                         "or a line per epoch with loss and validation AUC in a log)")
     pr = sub.add_parser("prepare", help="preprocess every case of a dataset ONCE per spec into a cache that "
                                          "training reads (--set data.cache_dir=DIR)")
     pr.add_argument("protocol", nargs="?", default=None,
@@ -212,6 +216,11 @@ def _generate(out: Path, profile: str, seed: int, n_cases: int | None, workers: 
     print(f"cohort written to {out} in {time.perf_counter() - t0:.0f} s: grade {s.counts['grade']}")
 
 
+def _say(line: str) -> None:
+    """A step of a long command, on stderr with the progress (stdout keeps the results)."""
+    print(line, file=sys.stderr, flush=True)
+
+
 def _is_empty(path: Path) -> bool:
     return not path.exists() or (path.is_dir() and not any(path.iterdir()))
 
@@ -260,7 +269,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             work = args.work if args.work is not None else args.out.resolve().parent / "demo-work"
             art = make_demo_checkpoints(args.out, work_dir=work, seed=args.seed, threads=args.threads,
-                                        size=args.size, mmdlm=not args.no_mmdlm)
+                                        size=args.size, mmdlm=not args.no_mmdlm, progress=not args.quiet,
+                                        say=None if args.quiet else _say)
             for line in summary_lines(art):
                 print(line)
     except (DatasetError, ConfigError, ProtocolError, ResumeError, ExportError, CheckpointError,

@@ -376,7 +376,7 @@ class VolumeCache:
         from tqdm import tqdm
 
         cases = list(cases)
-        for c in tqdm(cases, desc=f"preprocess ({self.key})", disable=not progress, leave=False):
+        for c in tqdm(cases, desc=f"preprocess ({self.key})", disable=None if progress else True, leave=False):
             if self.valid(c):
                 self.hits += 1
             else:
@@ -389,7 +389,7 @@ class VolumeCache:
         from tqdm import tqdm
 
         cases = list(cases)
-        for c in tqdm(cases, desc=f"preprocess ({self.key})", disable=not progress, leave=False):
+        for c in tqdm(cases, desc=f"preprocess ({self.key})", disable=None if progress else True, leave=False):
             self.get(c)
 
 

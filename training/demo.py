@@ -32,9 +32,10 @@ Measured (2-core VM, ``threads=2``): see ``docs/training.md`` ("Demo checkpoints
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,8 @@ class DemoArtifacts:
     checkpoint (grade AUC etc.; MMDLM: per task). ``held_out_cases``: the test part's case folders
     (BraTS layout: ``<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz``), never trained or selected on.
     ``cohort_dir``/``run_dirs`` lie in ``work_dir``; ``seconds``: wall time per step and in total.
+    ``figures``: family -> its held-out ROC/PR and reliability PNGs (``out_dir/figures``, a folder the
+    node's checkpoint registry does not read).
     """
 
     checkpoints: dict[str, Path]
@@ -96,6 +99,7 @@ class DemoArtifacts:
     run_dirs: dict[str, Path] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     description: str = DEMO_DESCRIPTION
+    figures: dict[str, list[Path]] = field(default_factory=dict)
 
 
 def _extra_sets(extra: Sequence[str] | None) -> list[str]:
@@ -113,6 +117,8 @@ def make_demo_checkpoints(
     promptnet_sets: Sequence[str] | None = None,
     mmdlm_sets: Sequence[str] | None = None,
     overwrite: bool = True,
+    progress: bool = False,
+    say: Callable[[str], None] | None = None,
 ) -> DemoArtifacts:
     """Generate a synthetic cohort, train the demo models, export them into ``out_dir``.
 
@@ -121,6 +127,11 @@ def make_demo_checkpoints(
     replaces a previous demo's cohort and runs in ``work_dir`` (the checkpoints in ``out_dir`` are
     replaced file by file, atomically). Raises what the protocols raise (``DatasetError``,
     ``ConfigError``, ``ExportError``).
+
+    ``progress``: the protocols' own progress on stderr (one bar per model on a terminal, else a line
+    per epoch with loss and validation AUC; preparation lines); ``say``: called with one line when
+    each step starts and ends (with its wall time), so that a caller on a busy machine is never left
+    without a word for minutes. Neither changes what is trained.
     """
     import torch
 
@@ -138,18 +149,27 @@ def make_demo_checkpoints(
     seconds: dict[str, float] = {}
     t_all = time.perf_counter()
     old_threads = torch.get_num_threads()
+    tell = say or (lambda _line: None)
 
     cohort = work_dir / "cohort"
     if cohort.exists() and overwrite:
         shutil.rmtree(cohort)
     t0 = time.perf_counter()
     grid = {k: prof[k] for k in ("shape", "spacing") if prof[k] is not None}
+    tell(f"cohort: writing {prof['n_cases']} synthetic cases to {cohort} ...")
     generate_cohort(cohort, profile="small", n_cases=int(prof["n_cases"]), seed=seed,
                     workers=max(1, int(threads)), **grid)
     seconds["cohort"] = time.perf_counter() - t0
+    tell(f"cohort: done in {seconds['cohort']:.0f} s")
 
+    # one preparation cache for both protocols, filled here first so that its progress can be said in a
+    # few lines (the protocols then find every case prepared and say so in one line)
+    cache = work_dir / "cache"
+    if cache.exists() and overwrite:
+        shutil.rmtree(cache)
     desc = f'protocol.data_description="{DEMO_DESCRIPTION}"'
-    options = RunOptions(device="cpu", repeats=1, resume=False, progress=False, num_threads=int(threads))
+    cache_set = f"data.cache_dir={json.dumps(str(cache.resolve()))}"
+    options = RunOptions(device="cpu", repeats=1, resume=False, progress=progress, num_threads=int(threads))
     checkpoints: dict[str, Path] = {}
     metrics: dict[str, dict[str, Any]] = {}
     run_dirs: dict[str, Path] = {}
@@ -160,11 +180,16 @@ def make_demo_checkpoints(
         if run.exists() and overwrite:
             shutil.rmtree(run)
         cfg = load_config("promptnet", profile="small", sets=[
-            desc, f"protocol.seed={seed}", f"split.seed={seed}", 'protocol.rows=["fs","adaptive"]',
+            desc, cache_set, f"protocol.seed={seed}", f"split.seed={seed}", 'protocol.rows=["fs","adaptive"]',
             *prof["promptnet"], *_extra_sets(promptnet_sets)])
+        seconds["prepare promptnet"] = _prepare(cohort, "promptnet", cfg, cache, threads, tell)
         t0 = time.perf_counter()
+        tell(f"fs3dcnn and promptnet (seed 000 protocol: row 'fs' = the template = FS 3D CNN, "
+             f"{cfg['template']['epochs']} epochs; then row 'adaptive' = PromptNet, {cfg['student']['epochs']} "
+             f"epochs) into {run} ...")
         get_protocol("promptnet").run(cfg, data_dir=cohort, out_dir=run, options=options)
         seconds["promptnet"] = time.perf_counter() - t0
+        tell(f"fs3dcnn and promptnet: done in {seconds['promptnet']:.0f} s")
         run_dirs["promptnet"] = run
         for row, family in (("fs", "fs3dcnn"), ("adaptive", "promptnet")):
             rec = json.loads((run / "results" / f"{row}-r0.json").read_text())
@@ -180,11 +205,15 @@ def make_demo_checkpoints(
             if run.exists() and overwrite:
                 shutil.rmtree(run)
             cfg = load_config("mmdlm", profile="small", sets=[
-                desc, f"protocol.seed={seed}", 'split.scheme="holdout"', f"split.seed={seed}",
+                desc, cache_set, f"protocol.seed={seed}", 'split.scheme="holdout"', f"split.seed={seed}",
                 *prof["mmdlm"], *_extra_sets(mmdlm_sets)])
+            seconds["prepare mmdlm"] = _prepare(cohort, "mmdlm", cfg, cache, threads, tell)
             t0 = time.perf_counter()
+            tell(f"mmdlm (seed 002 protocol: stage 1, one slice network per sequence, {cfg['stage1']['epochs']} "
+                 f"epochs each; stage 3, the multi-task head, {cfg['stage3']['epochs']} epochs) into {run} ...")
             get_protocol("mmdlm").run(cfg, data_dir=cohort, out_dir=run, options=options)
             seconds["mmdlm"] = time.perf_counter() - t0
+            tell(f"mmdlm: done in {seconds['mmdlm']:.0f} s")
             run_dirs["mmdlm"] = run
             res = sorted(run.glob("**/result.json"))
             if res:
@@ -195,16 +224,111 @@ def make_demo_checkpoints(
     finally:
         torch.set_num_threads(old_threads)
 
+    figures = write_figures(run_dirs, out_dir / "figures")
     by_id = {c.case_id: c for c in read_dataset(cohort, verify="none")}
     held_out = [Path(by_id[i].images["T1"]).parent for i in test_ids if i in by_id]
     seconds["total"] = time.perf_counter() - t_all
     return DemoArtifacts(checkpoints=checkpoints, metrics=metrics, held_out_cases=held_out, cohort_dir=cohort,
-                         run_dirs=run_dirs, seconds=seconds)
+                         run_dirs=run_dirs, seconds=seconds, figures=figures)
+
+
+PREPARE_SAY_EVERY_S = 10.0  # at most one preparation progress line this often (and at each tenth)
+
+
+def _prepare(cohort: Path, protocol: str, config: Mapping[str, Any], cache: Path, threads: int,
+             tell: Callable[[str], None]) -> float:
+    """Prepare every cohort case with ``protocol``'s specs into ``cache`` (what its run would do first),
+    saying how far it got every tenth of the cases or ``PREPARE_SAY_EVERY_S``, not once per case.
+
+    Same function, specs and cache as the protocol's own preparation (``training.prepare``), in this
+    process as the protocol would: the run that follows reuses every entry and only checks them.
+    """
+    import torch
+
+    from training.datasets import read_dataset
+    from training.prepare import prepare_cases, protocol_specs
+
+    torch.set_num_threads(int(threads))  # as the protocol's run sets it before preparing
+    specs = protocol_specs(protocol, config)
+    cases = read_dataset(cohort, verify=str(config["data"]["verify"]))
+    t0 = time.perf_counter()
+    said = [t0]
+    names = ", ".join(specs)
+
+    def progress(line: str) -> None:
+        m = re.match(r"prepare \[(\d+)/(\d+)\]", line)  # one line per (case, spec) from prepare_cases
+        if m is None:
+            return
+        done, todo = int(m.group(1)), int(m.group(2))
+        now = time.perf_counter()
+        tenth = done * 10 // todo > (done - 1) * 10 // todo
+        if done == todo or (tenth and now - said[0] >= 1.0) or now - said[0] >= PREPARE_SAY_EVERY_S:
+            tell(f"  preparing inputs ({names}): {done}/{todo} ({now - t0:.0f} s)")
+            said[0] = now
+
+    tell(f"preparing the inputs of {protocol} ({names}: {len(cases)} cases, once per spec) into {cache} ...")
+    summary = prepare_cases(cases, specs, cache, workers=1, progress=progress)
+    took = time.perf_counter() - t0
+    failed = sum(o.status == "failed" for o in summary.outcomes)
+    tell(f"preparing the inputs of {protocol}: done in {took:.0f} s"
+         + (f" ({failed} failed; the run leaves them out and lists them)" if failed else ""))
+    return took
+
+
+#: the protocols' report rows -> the family their checkpoint serves as
+_PROMPTNET_ROWS = {"fs": "fs3dcnn", "adaptive": "promptnet"}
+
+
+def write_figures(run_dirs: Mapping[str, Path], folder: Path) -> dict[str, list[Path]]:
+    """Per served model, its held-out ROC/PR curves and reliability diagram as PNGs in ``folder``.
+
+    Why next to the checkpoints: the protocols draw their figures per run, with every compared row in
+    one picture (``<run>/report``); whoever looks at a node's checkpoints wants each model's own
+    held-out curves beside it (``<family>-roc-pr.png``, ``<family>-reliability.png``). They are drawn
+    from the predictions each run saved (the report module's ``*_predictions.json``), so a figure shows
+    exactly the test predictions the checkpoint's metrics were computed from.
+    """
+    from training.reports import load_predictions, save_reliability_figure, save_roc_pr_figure
+
+    out: dict[str, list[Path]] = {}
+    if "promptnet" in run_dirs:
+        run = run_dirs["promptnet"]
+        for row, family in _PROMPTNET_ROWS.items():
+            rec = json.loads((run / "results" / f"{row}-r0.json").read_text())
+            rows = [_row_result(family, rec["test"]["y"], rec["test"]["p"], rec["test"]["case_ids"])]
+            out[family] = _draw(family, rows, folder, save_roc_pr_figure, save_reliability_figure)
+    if "mmdlm" in run_dirs:
+        preds = run_dirs["mmdlm"] / "report" / "mmdlm_predictions.json"
+        rows = load_predictions(preds)
+        grade = [r for r in rows if r.name.endswith(" grade")] or rows[:1]
+        fig = _draw("mmdlm", grade, folder, save_roc_pr_figure, None)
+        out["mmdlm"] = [*fig, save_reliability_figure(rows, folder / "mmdlm-reliability.png",
+                                                      title="mmdlm: reliability of each task (held-out test part)")]
+    return out
+
+
+def _row_result(label: str, y: Sequence[int], p: Sequence[float], case_ids: Sequence[str]) -> Any:
+    import numpy as np
+
+    from training.reports import RowResult
+
+    return RowResult(label, "held-out test part", ((np.asarray(y, dtype=np.int64), np.asarray(p, dtype=np.float64)),),
+                     (tuple(case_ids),))
+
+
+def _draw(family: str, rows: Sequence[Any], folder: Path, roc: Callable[..., Path],
+          reliability: Callable[..., Path] | None) -> list[Path]:
+    paths = [roc(rows, folder / f"{family}-roc-pr.png", title=f"{family}: held-out test part (synthetic demo cohort)")]
+    if reliability is not None:
+        paths.append(reliability(rows, folder / f"{family}-reliability.png",
+                                 title=f"{family}: reliability (held-out test part)"))
+    return paths
 
 
 def summary_lines(art: DemoArtifacts) -> list[str]:
     """Human-readable lines for a CLI: checkpoints, held-out AUCs, timing."""
     lines = [f"{fam}: {path}" for fam, path in art.checkpoints.items()]
+    lines += [f"{fam} figures: {', '.join(str(p) for p in paths)}" for fam, paths in art.figures.items()]
     for fam, m in art.metrics.items():
         lines.append(f"{fam} held-out metrics: {json.dumps(_short(m), sort_keys=True)}")
     lines.append(f"held-out cases ({len(art.held_out_cases)}): {art.held_out_cases[0] if art.held_out_cases else '-'} ...")

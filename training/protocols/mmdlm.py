@@ -323,7 +323,7 @@ class _Split:
                       amp_dtype=self.amp, log_dir=self.dir / f"stage1-{role}", resume=self.options.resume,
                       select_on=str(s1["select_on"]), patience=int(s1["patience"]) or None,
                       run_key=f"{self.run_key}:stage1-{role}", dist=self.options.dist,
-                      progress=self.options.progress, desc=f"{self.dir.name} stage 1 {role}")
+                      progress=self.options.progress, desc=f"mmdlm {self.dir.name} stage 1 {role}")
             record[role] = {"best_epoch": res.best_epoch, "best_val_slice_auc": finite(res.best_score),
                             "train_slices": len(ds_tr), "val_slices": len(ds_va),
                             "cases_without_tumour_slices": fb_tr + fb_va}
@@ -373,7 +373,7 @@ class _Split:
                   amp_dtype=self.amp, log_dir=self.dir / "stage3-mil", resume=self.options.resume,
                   select_on=str(s3["select_on"]), patience=int(s3["patience"]) or None,
                   run_key=f"{self.run_key}:stage3", dist=self.options.dist, progress=self.options.progress,
-                  desc=f"{self.dir.name} stage 3 MIL")
+                  desc=f"mmdlm {self.dir.name} stage 3 MIL")
         model.extractors.requires_grad_(True)
         best = res.history[res.best_epoch - 1] if res.history and res.best_epoch >= 1 else {}
         return {"best_epoch": res.best_epoch, "best_val_score": finite(res.best_score),
@@ -554,7 +554,7 @@ def _tumour_map(cases: Sequence[Case], spec: Mapping[str, Any], cache: VolumeCac
     from tqdm import tqdm
 
     changed = False
-    for c in tqdm(cases, desc="tumour slices", disable=not progress, leave=False):
+    for c in tqdm(cases, desc="tumour slices", disable=None if progress else True, leave=False):
         key = f"{c.case_id}|{c.seg}"
         if key not in known:
             t = tumour_slices(c, spec)
