@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -73,16 +72,23 @@ def screenshot(driver: webdriver.Chrome, folder: Path, name: str) -> Path:
     return path
 
 
-def retrying(action: Callable[[], T], tries: int = 5) -> T:
-    """An action on a page that may reload under it (the dashboard refreshes itself every few seconds)."""
-    for attempt in range(tries):
+def retrying(action: Callable[[], T]) -> T:
+    """An action on a page that may reload under it (the dashboard refreshes itself every few seconds).
+
+    Polled with nodeutil's bound in minutes, never a count of quick tries: on a busy machine a reload
+    can take longer than a few fractions of a second.
+    """
+    done: list[T] = []
+
+    def attempt() -> bool:
         try:
-            return action()
+            done.append(action())
         except StaleElementReferenceException:
-            if attempt == tries - 1:
-                raise
-            time.sleep(0.2)
-    raise AssertionError("unreachable")
+            return False
+        return True
+
+    wait_until(attempt, timeout=PROCESS_TIMEOUT_S, every=0.2, what="an element that stays on the page")
+    return done[0]
 
 
 def settled_parked(node: NodeProcess) -> dict[str, Any] | None:
