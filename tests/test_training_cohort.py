@@ -158,7 +158,11 @@ def test_truth_follows_the_molecular_rules(cohort):
 
 
 # --------------------------------------------------------------------------- statistics
-def test_grade_strong_on_t1ce_weak_without_contrast(cohort):
+def test_grade_strongest_on_t1ce_and_present_without_contrast(cohort):
+    """Measured on the written images with the true tumour outline: T1CE carries the strongest
+    single signs; the non-enhanced sequences carry a real grade signal too (the calibrated cohort:
+    necrosis, pre-contrast rim and texture inside the tumour). How much harder it is for a network
+    to learn without contrast is a property of the baseline rows (Table 1), not of these features."""
     rep = measure_effects(cohort)
     hgg, lgg = rep.grade == 1, rep.grade == 0
     enh = rep.features["t1ce_enhancing_fraction"]
@@ -168,10 +172,10 @@ def test_grade_strong_on_t1ce_weak_without_contrast(cohort):
     assert rep.cohen_d["t1ce_tumour_p99"] > 2.5
     d_ce = max(abs(rep.cohen_d[f]) for f in rep.CE_FEATURES)
     d_ne = max(abs(rep.cohen_d[f]) for f in rep.NE_FEATURES)
-    # weak: the non-enhanced differences are present, but well below the contrast-enhanced ones
-    assert 0.2 < d_ne < 0.6 * d_ce
-    assert rep.auc["NE"] < rep.auc["T1CE"] - 0.05
-    assert rep.auc["NE"] > 0.6
+    assert 0.5 < d_ne < d_ce
+    assert rep.auc["NE"] > 0.8 and rep.auc["T1CE"] > 0.9
+    # oedema extent keeps its literature-sized difference (the calibration knob does not scale it)
+    assert rep.feature_auc["flair_abnormal_ml"] < 0.9
     assert "t1ce_enhancing_fraction" in rep.table()
 
 
@@ -219,3 +223,40 @@ def test_a_case_becomes_a_dicom_study(cohort, tmp_path):
     vols = {s: _load(cohort, cid, s) for s in SUFFIX.values()}
     study = synth.write_study(vols, img.affine, tmp_path / "study", vendor="ge", seed=0)
     assert set(study.files) == set(ROLES) and all(len(v) == 36 for v in study.files.values())
+
+
+# --------------------------------------------------------------------------- the calibration knob
+def test_ne_signal_scales_what_non_enhanced_sequences_show_of_the_tumour():
+    base = CohortParams().with_overrides({"ne_signal": 1.0})
+    p = CohortParams().with_overrides({"ne_signal": 3.0})
+    e = p.effective()
+    assert e.ne_signal == 1.0 and e.effective() == e
+    assert e.necrosis_ne_contrast == pytest.approx(3.0 * base.necrosis_ne_contrast)
+    assert e.rim_ne_contrast == pytest.approx(3.0 * base.rim_ne_contrast)
+    lo, hi = base.lgg.heterogeneity_mean, base.hgg.heterogeneity_mean
+    assert e.hgg.heterogeneity_mean == pytest.approx(lo + 3.0 * (hi - lo))
+    assert e.lgg.heterogeneity_mean == lo  # LGG stays put
+    # what only T1CE shows is not touched, nor oedema extent and margins (literature values)
+    for name in ("p_enhancing", "enhancement_mean", "p_necrosis", "core_radius_median_mm", "edema_ratio_mean",
+                 "irregularity"):
+        assert getattr(e.hgg, name) == getattr(base.hgg, name) and getattr(e.lgg, name) == getattr(base.lgg, name)
+    assert base.effective() == base
+    with pytest.raises(ValueError, match="ne_signal must be in"):
+        CohortParams().with_overrides({"ne_signal": -1})
+    with pytest.raises(ValueError, match="necrosis_ne_contrast"):
+        CohortParams().with_overrides({"ne_signal": 15.0}).effective()
+
+
+def test_ne_signal_is_recorded_and_moves_what_the_images_carry(cohort, tmp_path):
+    """The default (calibrated) cohort's non-enhanced sequences separate the grades better than
+    ne_signal = 1 on the same seed, and still worse than T1CE: the situation PromptNet addresses."""
+    info = json.loads((cohort / "cohort.json").read_text())
+    assert info["params"]["ne_signal"] == CohortParams().ne_signal > 1.0
+    assert info["effective_params"]["ne_signal"] == 1.0
+    assert info["effective_params"]["necrosis_ne_contrast"] == pytest.approx(
+        CohortParams().effective().necrosis_ne_contrast)
+    weak = tmp_path / "weak"
+    generate_cohort(weak, n_cases=32, hgg_fraction=0.5, seed=0, workers=2, params={"ne_signal": 1.0}, **TEST_GRID)
+    strong_rep, weak_rep = measure_effects(cohort), measure_effects(weak)
+    assert strong_rep.auc["NE"] > weak_rep.auc["NE"]
+    assert strong_rep.auc["T1CE"] >= strong_rep.auc["NE"]

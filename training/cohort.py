@@ -373,7 +373,7 @@ def generate_cohort(out_dir: str | os.PathLike[str], *, profile: str = "small", 
     grid = Grid.around(anat.brain_centre, shp, spc)  # type: ignore[arg-type]
     sites = tuple(draw_sites(seed, prm))
     plans = plan_cohort(n, seed, frac, prm)
-    ctx = _Context(out_dir=out, grid=grid, params=prm, seed=int(seed), sites=sites,
+    ctx = _Context(out_dir=out, grid=grid, params=prm.effective(), seed=int(seed), sites=sites,
                    compresslevel=int(compresslevel))
     rows = list(_run(plans, ctx, nworkers, progress))
 
@@ -389,7 +389,7 @@ def generate_cohort(out_dir: str | os.PathLike[str], *, profile: str = "small", 
         hgg_fraction=frac, counts=_counts(plans), params=prm.to_dict(),
         sites=[s.to_dict() for s in sites], seconds=time.perf_counter() - t0, workers=nworkers,
         extra={"affine": [[round(float(v), 6) for v in r] for r in grid.affine],
-               "template": _template_note()})
+               "template": _template_note(), "effective_params": prm.effective().to_dict()})
     tmp = out / "cohort.json.part"
     tmp.write_text(json.dumps(summary.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
     tmp.replace(out / "cohort.json")

@@ -6,7 +6,10 @@ each effect size must be visible, recorded with the data (``cohort.json``),
 and changeable without editing code (``CohortParams.with_overrides``). The
 defaults are set from the clinical picture the issue describes and from the
 literature's rough frequencies, NOT tuned toward any model ranking; change
-them to ask "what if", and the change is recorded in the cohort's JSON.
+them to ask "what if", and the change is recorded in the cohort's JSON. One
+exception is tuned, toward the papers' BASELINE rows only (never toward the
+method under test): ``ne_signal``, the scale of what the non-enhanced
+sequences show of the tumour's inside (docs/training-data.md, "Calibration").
 
 Units: lengths in mm; intensities relative to white matter on the same
 sequence before the scanner model (gain, gamma, bias, noise) is applied.
@@ -136,6 +139,17 @@ class CohortParams:
     #: P(a molecular label is withheld as missing) in labels.csv (truth.csv keeps it)
     p_missing_molecular: float = 0.0
 
+    # --- how much of the grade the non-enhanced sequences show (the calibration knob)
+    #: one scale for what a non-enhanced sequence shows of the tumour's inside: the contrast of
+    #: necrosis and of the (future) enhancing rim before gadolinium (``necrosis_ne_contrast``,
+    #: ``rim_ne_contrast``) and the HGG-minus-LGG difference of texture (``heterogeneity_mean``; LGG
+    #: stays put). All three go with the enhancing pattern (necrosis sits inside the rim), which is what
+    #: a contrast-enhanced template can teach a student. Oedema extent and margins are NOT scaled: they
+    #: keep their literature values (scaling them made oedema volume alone separate the grades).
+    #: 1 = the values as written above. Set from the papers' BASELINE rows (docs/training-data.md,
+    #: "Calibration"), never from the method under test; :meth:`CohortParams.effective` applies it.
+    ne_signal: float = 9.0
+
     # --- anatomy variation (around the MNI152 2009 template)
     brain_scale_sd: float = 0.04
     rotation_sd_deg: float = 3.0
@@ -168,6 +182,29 @@ class CohortParams:
         if name not in ("HGG", "LGG"):
             raise ValueError(f"grade must be HGG or LGG, not {name!r}")
         return self.hgg if name == "HGG" else self.lgg
+
+    def effective(self) -> CohortParams:
+        """The parameters the generator draws from: ``ne_signal`` applied, then set to 1.
+
+        Why one scale and not three free parameters: the cohort's difficulty is calibrated against
+        two published baseline rows, and a one-dimensional search over a knob that moves the
+        non-enhanced signs together (each correlated with the enhancing pattern) cannot be steered
+        toward a preferred method, while free parameters could. Idempotent: ``p.effective().effective() ==
+        p.effective()``.
+        """
+        s = float(self.ne_signal)
+        if s == 1.0:
+            return self
+
+        def away(h: float, lo: float) -> float:
+            return lo + s * (h - lo)
+
+        hgg = dataclasses.replace(
+            self.hgg, heterogeneity_mean=away(self.hgg.heterogeneity_mean, self.lgg.heterogeneity_mean))
+        out = dataclasses.replace(self, hgg=hgg, necrosis_ne_contrast=self.necrosis_ne_contrast * s,
+                                  rim_ne_contrast=self.rim_ne_contrast * s, ne_signal=1.0)
+        out.validate()
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able (tuples become lists)."""
@@ -229,6 +266,10 @@ class CohortParams:
                 raise ValueError(f"{f.name} must be a (low, high) range, got {v}")
         if self.n_sites < 1:
             raise ValueError("n_sites must be >= 1")
+        if not 0.0 <= self.ne_signal <= 20.0:
+            raise ValueError(f"ne_signal must be in [0, 20], got {self.ne_signal}")
+        if not 0.0 <= self.necrosis_ne_contrast < 1.0 or not 0.0 <= self.rim_ne_contrast < 1.0:
+            raise ValueError("necrosis_ne_contrast and rim_ne_contrast (after ne_signal) must be in [0, 1)")
 
 
 def _plain(x: Any) -> Any:
