@@ -86,17 +86,29 @@ class InputSeries:
                  f"{self.role}: {len(self.files)} file(s) for {len(self.instances)} instance(s)")
 
 
+THRESHOLD_SOURCES: tuple[str, ...] = ("validation", "default")
+
+
 @dataclass(frozen=True)
 class TaskResult:
     """One task's answer from one model, e.g. grade: HGG with P(HGG) = 0.83."""
 
     task: str  # "grade" | "idh" | "1p19q" (models.base.TASKS)
-    label: str  # predicted class name (the argmax), e.g. "HGG"
+    label: str  # predicted class name: the positive class when probability >= threshold, e.g. "HGG"
     probability: float  # probability of the POSITIVE class (the second of models.base.TASKS[task])
     probabilities: dict[str, float]  # class name -> probability, summing to 1
     calibrated: bool  # temperature scaling from the checkpoint was applied
+    # The operating threshold on ``probability`` that gave ``label``; the defaults keep result files
+    # written before thresholds existed readable (they were labelled by argmax, i.e. at 0.5).
+    threshold: float = 0.5
+    threshold_source: str = "default"  # "validation": chosen on validation data, stored in the checkpoint
 
     def __post_init__(self) -> None:
+        _require(isinstance(self.threshold, (int, float)) and not isinstance(self.threshold, bool)
+                 and 0.0 < float(self.threshold) < 1.0,
+                 f"{self.task}: threshold {self.threshold!r} is not a number strictly between 0 and 1")
+        _require(self.threshold_source in THRESHOLD_SOURCES,
+                 f"{self.task}: threshold_source {self.threshold_source!r} is not one of {THRESHOLD_SOURCES}")
         _require(self.task in TASKS, f"unknown task {self.task!r} (tasks: {', '.join(TASKS)})")
         _require(set(self.probabilities) <= set(TASKS[self.task]),
                  f"{self.task}: classes {sorted(self.probabilities)} are not {list(TASKS[self.task])}")

@@ -11,12 +11,25 @@ SHA-256 content hash; :func:`load_checkpoint` validates all of it and refuses
 File layout (``torch.save`` of a dict holding only plain types and tensors, so
 it loads with ``weights_only=True`` and never unpickles code)::
 
-    {"format": "glioma-models-checkpoint", "format_version": 1,
+    {"format": "glioma-models-checkpoint", "format_version": 2,
      "family": str, "paper": str, "hparams": {...}, "input_roles": [...],
      "tasks": {task: [class names, index = coding]}, "spec": {...},
      "training_data": {...}, "metrics": {...}, "temperature": float | None,
+     "thresholds": {task: float},
      "extra": {...}, "versions": {...}, "created": ISO-8601 UTC,
      "state_dict": {key: tensor}, "sha256": hex}
+
+``thresholds`` (format 2) holds the operating threshold per binary task: the
+node calls a case positive (the second class of the task's coding) when the
+calibrated P(positive) >= the task's threshold. Training chooses it on
+validation data (``training.operating``: Youden's J), never on the test part.
+Why stored here and not in ``metrics``: it changes what the node reports, so it
+is validated (each a number in (0, 1), for a task of the family) and covered
+by the content hash like the weights. Optional: a format-1 file (written
+before thresholds existed) and a task without an entry load as "no threshold",
+and the node then uses 0.5 (argmax for a binary task), as it did before.
+Format 2 is written so that code which predates thresholds refuses the file
+("newer than this code reads") instead of silently labelling at 0.5.
 
 The content hash covers everything but itself: the weights in sorted key order
 (each framed by its key, dtype, shape and byte length) followed by the
@@ -50,12 +63,14 @@ from models.families import resolve_family
 from models.preprocess import SpecError, output_shape, validate_spec
 
 FORMAT_NAME = "glioma-models-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _META_FIELDS: tuple[str, ...] = (
     "format", "format_version", "family", "paper", "hparams", "input_roles", "tasks", "spec",
     "training_data", "metrics", "temperature", "extra", "versions", "created",
 )
 _REQUIRED: tuple[str, ...] = (*_META_FIELDS, "state_dict", "sha256")
+# Fields a file may lack (older formats); when present they are hashed and validated like the others.
+_OPTIONAL_META: tuple[str, ...] = ("thresholds",)
 
 
 class CheckpointError(ValueError):
@@ -80,6 +95,8 @@ class LoadedCheckpoint:
     created: str = ""
     path: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # task -> operating threshold on the calibrated P(positive); {} for a file without thresholds (node: 0.5)
+    thresholds: dict[str, float] = field(default_factory=dict)
 
 
 def software_versions() -> dict[str, str]:
@@ -144,6 +161,7 @@ def save_checkpoint(
     training_data: Mapping[str, Any],
     metrics: Mapping[str, Any],
     temperature: float | None = None,
+    thresholds: Mapping[str, float] | None = None,
     extra: Mapping[str, Any] | None = None,
     families: Mapping[str, ModelFamily] | None = None,
 ) -> str:
@@ -154,6 +172,8 @@ def save_checkpoint(
     family's input roles, metadata are JSON data, and the state dict matches a
     network built from ``hparams``. Written atomically (temporary file, fsync,
     rename), so a crash never leaves half a checkpoint under the final name.
+    ``thresholds``: task -> operating threshold in (0, 1) (see the module
+    docstring); None or {} stores none, and the node then uses 0.5.
     """
     try:
         family = resolve_family(family_name, families)
@@ -166,6 +186,7 @@ def save_checkpoint(
     _check_spec_roles(clean_spec, family)
     if temperature is not None:
         temperature = _check_temperature(temperature)
+    clean_thresholds = _check_thresholds(thresholds or {}, family)
     state = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
     resolved = _resolved_hparams(family, hparams)
     meta: dict[str, Any] = {
@@ -180,6 +201,7 @@ def save_checkpoint(
         "training_data": _plain(dict(training_data), "training_data"),
         "metrics": _plain(dict(metrics), "metrics"),
         "temperature": temperature,
+        "thresholds": clean_thresholds,
         "extra": _plain(dict(extra or {}), "extra"),
         "versions": _plain(software_versions(), "versions"),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds"),
@@ -225,6 +247,28 @@ def _check_temperature(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise CheckpointError(f"temperature must be a positive finite number or None, got {value!r}")
     return float(value)
+
+
+def _check_thresholds(value: Any, family: ModelFamily) -> dict[str, float]:
+    """A task -> threshold mapping, each strictly inside (0, 1), for binary tasks of the family.
+
+    Why strict: 0 or 1 would call every case one class whatever the network
+    says, and a threshold for a task the family lacks means the file was built
+    for another model; both must be refused, not served.
+    """
+    if not isinstance(value, Mapping):
+        raise CheckpointError(f"thresholds must be a mapping task -> number, got {type(value).__name__}")
+    out: dict[str, float] = {}
+    for task, t in value.items():
+        if task not in family.tasks:
+            raise CheckpointError(f"thresholds: {task!r} is not a task of the {family.name} family "
+                                  f"({sorted(family.tasks)})")
+        if len(family.tasks[task]) != 2:
+            raise CheckpointError(f"thresholds: task {task!r} is not binary; a threshold applies to binary tasks")
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or not 0.0 < t < 1.0:
+            raise CheckpointError(f"thresholds: {task} must be a number strictly between 0 and 1, got {t!r}")
+        out[str(task)] = float(t)
+    return out
 
 
 def _check_spec_roles(spec: Mapping[str, Any], family: ModelFamily) -> None:
@@ -294,7 +338,8 @@ def load_checkpoint(
     and version (newer than this code: refused); required fields; the content
     hash (any change after writing: refused); the family is known; input roles
     and tasks/label coding equal the family's contract; the spec validates and
-    names those roles; the temperature; the hparams build the network; every
+    names those roles; the temperature; the thresholds (optional: a file
+    without them loads with ``thresholds == {}``); the hparams build the network; every
     weight key, shape and dtype matches it. Software versions are recorded,
     not enforced.
     """
@@ -319,13 +364,14 @@ def load_checkpoint(
     missing = [k for k in _REQUIRED if k not in payload]
     if missing:
         raise CheckpointError(f"{where}: missing field(s) {missing}")
-    unknown = sorted(set(payload) - set(_REQUIRED))
+    unknown = sorted(set(payload) - set(_REQUIRED) - set(_OPTIONAL_META))
     if unknown:
         raise CheckpointError(f"{where}: unknown field(s) {unknown}")
     state = payload["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{where}: state_dict is not a dict of tensors")
     meta = {k: payload[k] for k in _META_FIELDS}
+    meta.update({k: payload[k] for k in _OPTIONAL_META if k in payload})  # hashed only when the file has them
     computed = content_hash(state, meta)
     if computed != payload["sha256"]:
         raise CheckpointError(f"{where}: content hash mismatch: the file was changed after it was written "
@@ -350,6 +396,7 @@ def load_checkpoint(
     try:
         _check_spec_roles(spec, family)
         temperature = None if meta["temperature"] is None else _check_temperature(meta["temperature"])
+        thresholds = _check_thresholds(meta.get("thresholds", {}), family)
         if not isinstance(meta["hparams"], dict):
             raise CheckpointError("hparams is not a dict")
         model = _build(family, meta["hparams"])
@@ -375,6 +422,7 @@ def load_checkpoint(
         created=str(meta["created"]),
         path=p,
         extra=dict(meta["extra"]),
+        thresholds=thresholds,
     )
 
 
@@ -383,4 +431,4 @@ def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
     payload = torch.load(Path(path), map_location="cpu", weights_only=True)
     if not isinstance(payload, dict):
         raise CheckpointError(f"{path}: not a checkpoint")
-    return {k: payload.get(k) for k in (*_META_FIELDS, "sha256")}
+    return {k: payload.get(k) for k in (*_META_FIELDS, *_OPTIONAL_META, "sha256")}

@@ -363,7 +363,9 @@ def test_run_model_for_each_tiny_family(siemens, converted, ckpt_dir: Path) -> N
         for t in result.tasks:
             assert abs(sum(t.probabilities.values()) - 1.0) < 1e-6
             assert t.probability == t.probabilities[list(t.probabilities)[1]]
-            assert t.label == max(t.probabilities, key=t.probabilities.__getitem__)
+            # the positive class iff P(positive) >= the checkpoint's threshold (0.5 when none is stored)
+            assert t.threshold == ckpt.thresholds.get(t.task, 0.5)
+            assert t.label == list(t.probabilities)[1 if t.probability >= t.threshold else 0]
             assert t.calibrated == (temps[t.task] is not None)
         assert {t.task for t in result.tasks} == ({"grade", "idh", "1p19q"} if name == "mmdlm" else {"grade"})
         if name == "mmdlm":

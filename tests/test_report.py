@@ -429,6 +429,38 @@ def test_old_result_files_without_the_gate_still_load(gated_result):
     assert back.declined == [] and back.gate_loosened is None and back.results[0].measurements == {}
 
 
+def test_sr_and_summary_name_the_operating_threshold(promptnet_result, tmp_path):
+    """P(HGG) = 0.29 reads HGG under a validation threshold of 0.25: the report must say why."""
+    from dicomnode.stages.report.summary import summary_lines
+
+    chosen = TaskResult("grade", "HGG", 0.29, {"LGG": 0.71, "HGG": 0.29}, True, 0.25, "validation")
+    m = promptnet_result.results[0]
+    result = dataclasses.replace(promptnet_result, results=[dataclasses.replace(m, tasks=[chosen])])
+    sr = build_sr(result, algorithm_version=VERSION, when=WHEN)
+    sr.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
+    text = describe(tmp_path / "sr.dcm")
+    assert ("Operating threshold: HGG when calibrated P(HGG) >= 0.250, else LGG "
+            "(operating threshold chosen on validation data)") in text
+    lines = [t for _, t in summary_lines(result)]
+    assert "P(HGG) = 0.29 >= threshold 0.25 (validation); calibrated" in lines
+    # a checkpoint without a stored threshold: the report says 0.5 is the default, not a choice
+    sr = build_sr(promptnet_result, algorithm_version=VERSION, when=WHEN)
+    sr.save_as(tmp_path / "sr0.dcm", enforce_file_format=True)
+    assert ("Operating threshold: HGG when calibrated P(HGG) >= 0.500, else LGG (default threshold: the "
+            "checkpoint stores none chosen on validation data)") in describe(tmp_path / "sr0.dcm")
+    assert "P(HGG) = 0.29 < threshold 0.50 (default); calibrated" in [t for _, t in summary_lines(promptnet_result)]
+    # the result file keeps the threshold; one written before thresholds existed reads as the default
+    again = VersionResult.from_json(result.to_json())
+    assert again.results[0].tasks[0].threshold == 0.25 and again.results[0].tasks[0].threshold_source == "validation"
+    import json
+
+    old = json.loads(result.to_json())
+    for t in old["results"][0]["tasks"]:
+        del t["threshold"], t["threshold_source"]
+    back = VersionResult.from_json(json.dumps(old)).results[0].tasks[0]
+    assert (back.threshold, back.threshold_source) == (0.5, "default")
+
+
 def test_superseding_sr_names_its_predecessor(mmdlm_result, tmp_path):
     first = build_sr(dataclasses.replace(mmdlm_result, version=1), algorithm_version=VERSION, when=WHEN)
     second_result = dataclasses.replace(

@@ -222,6 +222,23 @@ def test_fonts_are_the_ones_the_layout_measures_with():
     assert drawn <= sm._width(style, line) <= drawn + 3
 
 
+def test_thresholds_chosen_on_validation_keep_the_two_model_study_on_one_image(study, prepared):
+    """Real checkpoints store a threshold per task; saying so must not push the summary onto a second image."""
+    result = two_models(study, prepared, SYNTHETIC)
+    cuts = iter([0.62, 0.45, 0.38, 0.71])
+    models = [dataclasses.replace(m, tasks=[dataclasses.replace(t, threshold=next(cuts), threshold_source="validation")
+                                             for t in m.tasks]) for m in result.results]
+    result = dataclasses.replace(result, results=models)
+    pages = sm.layout(result, sm.choose_panel(result), algorithm_version=VERSION)
+    assert len(pages) == 1
+    flow = flow_text(pages)
+    lines = [content.threshold_line(t) for m in result.results for t in m.tasks]
+    assert [line.split(" threshold ")[1][:17] for line in lines] == [
+        "0.62 (validation)", "0.45 (validation)", "0.38 (validation)", "0.71 (validation)"]
+    for line in lines:
+        assert "".join(line.split()) in flow, line
+
+
 def test_two_model_study_fits_one_image_with_plain_names_and_the_warning(study, prepared, tmp_path):
     result = two_models(study, prepared, SYNTHETIC)
     panel = sm.choose_panel(result)

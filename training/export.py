@@ -166,6 +166,7 @@ def export_model(
     extra: Mapping[str, Any] | None = None,
     description: str | None = None,
     gate: Mapping[str, Any] | None = None,
+    thresholds: Mapping[str, float] | None = None,
 ) -> str:
     """Write one checkpoint (``models.checkpoint.save_checkpoint``), load it back to prove the node
     can, and list it in ``index``. Returns the SHA-256 content hash.
@@ -176,6 +177,9 @@ def export_model(
     use") is stored as ``training_data["description"]``, the first thing a site reads about the data.
     ``gate`` (:func:`gate_stats`) is stored as ``extra["gate"]``; without it the node's gate
     declines the checkpoint unless the site allows unchecked models.
+    ``thresholds`` (task -> operating threshold on the calibrated P(positive), chosen on validation
+    data: ``training.operating.heldout_metrics``) is stored as the checkpoint's ``thresholds``; the
+    node labels with it. None stores none, and the node then labels at 0.5.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -199,7 +203,7 @@ def export_model(
         ext["gate"] = dict(gate)
     temperature = None if calibration is None else float(calibration.temperature)
     sha = save_checkpoint(target, model, family_name, hparams, spec, training_data=training_data,
-                          metrics=all_metrics, temperature=temperature, extra=ext)
+                          metrics=all_metrics, temperature=temperature, thresholds=thresholds, extra=ext)
     try:
         load_checkpoint(target)
     except CheckpointError as exc:  # would be a bug in models/ or here: never leave such a file
@@ -210,7 +214,7 @@ def export_model(
         entries = [e for e in read_index(ip) if e.get("path") != target.name]
         entries.append({"path": target.name, "family": family_name, "protocol": protocol, "row": row,
                         "repeat": repeat, "sha256": sha, "val_score": val_score,
-                        "temperature": temperature})
+                        "temperature": temperature, "thresholds": dict(thresholds or {})})
         _write_index(ip, entries)
     return sha
 

@@ -24,6 +24,18 @@ softmax(log p / T) == softmax(z / T) exactly, and for a sigmoid head
 p = (1 - s(z), s(z)) = softmax((0, z)), so the same formula gives s(z / T).
 Probabilities are clipped at float32's smallest normal number before the log,
 so a class the network gave exactly 0 stays finite.
+
+Labels: a binary task's label is its positive class (the second of
+``models.vocab.TASKS[task]``: HGG, IDH-mutant, 1p/19q co-deleted) when the
+calibrated P(positive) >= the checkpoint's operating threshold for the task
+(``LoadedCheckpoint.thresholds``, chosen by training on validation data:
+``training.operating``), else the other class. A checkpoint without a stored
+threshold (written before thresholds existed) is labelled at 0.5, i.e. by
+argmax, as before. Why not argmax always: a network trained on a cohort of
+mostly HGG puts P(HGG) above 0.5 for nearly every case, so argmax calls every
+case HGG (specificity 0); the threshold chosen on validation data corrects
+that, and the held-out sensitivity and specificity the floor checks were
+measured at that same threshold.
 """
 from __future__ import annotations
 
@@ -53,7 +65,8 @@ from models.casefile import load_case
 from models.families import resolve_family
 from models.vocab import ROLES, TASKS
 from models.checkpoint import CheckpointError, LoadedCheckpoint
-from models.gate import FeatureStats, FloorSettings, GateSettings, case_measurements, check_features, withheld_sentence
+from models.gate import (TASK_TITLES, FeatureStats, FloorSettings, GateSettings, case_measurements, check_features,
+                         withheld_sentence)
 from models.preprocess import PreprocessedCase, to_batch, validate_spec
 from models.registry import CheckpointInfo, Selection
 
@@ -237,6 +250,48 @@ def _grad_mode(family: str) -> Iterator[None]:
             yield
 
 
+def operating_threshold(ckpt: LoadedCheckpoint, task: str) -> tuple[float, str]:
+    """(threshold on the calibrated P(positive), source) for one task: the checkpoint's, else (0.5, "default")."""
+    stored = (ckpt.thresholds or {}).get(task)
+    if stored is None:
+        return 0.5, "default"
+    return float(stored), "validation"
+
+
+def label_at(names: tuple[str, ...], p: np.ndarray, threshold: float) -> str:
+    """The class a case gets: for a binary task, the positive (second) class iff P(positive) >= ``threshold``.
+
+    ``>=`` as in ``training.metrics.binary_metrics``, so the node labels exactly as the stored
+    held-out metrics were counted. Other numbers of classes: argmax (no threshold applies).
+    """
+    if len(names) == 2:
+        return names[1] if float(p[1]) >= threshold else names[0]
+    return names[int(np.argmax(p))]
+
+
+def floor_threshold_mismatch(metrics: Mapping[str, Any] | None, task: str, family_tasks: list[str],
+                             threshold: float) -> str | None:
+    """Why the held-out sensitivity/specificity do not describe this task's labels (None: they do).
+
+    The floor judges sensitivity and specificity, which depend on the threshold. Training
+    records the threshold they were counted at (``metrics["test"]["threshold"]``, or per task
+    for multi-task checkpoints); when that differs from the threshold the node labels with,
+    the stored figures describe another operating point, and the task must not be reported
+    on their strength. A checkpoint that records no threshold is judged as before.
+    """
+    test = (metrics or {}).get("test")
+    if not isinstance(test, Mapping):
+        return None
+    found = test.get(task) if isinstance(test.get(task), Mapping) else (test if len(family_tasks) == 1 else None)
+    recorded = found.get("threshold") if isinstance(found, Mapping) else None
+    if not isinstance(recorded, (int, float)) or isinstance(recorded, bool) or not math.isfinite(recorded):
+        return None
+    if abs(float(recorded) - threshold) <= 1e-9:
+        return None
+    return (f"{TASK_TITLES.get(task, task)} not reported: its held-out sensitivity and specificity were "
+            f"measured at threshold {float(recorded):.3f}, but the checkpoint labels at {threshold:.3f}")
+
+
 def who_consistent(tasks: list[TaskResult]) -> tuple[list[TaskResult], list[str]]:
     """The molecular answers a neuropathologist accepts (WHO CNS5, 2021), and why anything was left out.
 
@@ -270,12 +325,18 @@ def withhold_under_floor(tasks: list[TaskResult], metrics: Mapping[str, Any] | N
     the sentence that explains a dropped 1p/19q. Without its IDH answer a 1p/19q answer means
     nothing (WHO CNS5), so it is withheld with it. The grade is declined earlier (the gate, at
     preprocessing); should it reach here under the floor, it is withheld like any task.
+    A task whose held-out sensitivity/specificity were counted at another threshold than the one
+    that labelled it (``TaskResult.threshold``) is withheld too (:func:`floor_threshold_mismatch`).
     """
     if floor is None:
         return tasks, []
+    floors = floor.floors()
     flags: dict[str, str] = {}
     for t in tasks:
-        why = withheld_sentence(metrics, t.task, family_tasks, floor)
+        why = None
+        if "sensitivity" in floors or "specificity" in floors:
+            why = floor_threshold_mismatch(metrics, t.task, family_tasks, t.threshold)
+        why = why or withheld_sentence(metrics, t.task, family_tasks, floor)
         if why is not None:
             flags[t.task] = why
     if "idh" in flags and "1p19q" not in flags and any(t.task == "1p19q" for t in tasks):
@@ -327,8 +388,10 @@ def run_model(selection: Selection, case: PreprocessedCase, converted: Mapping[s
         if names != tuple(coding):
             raise ValueError(f"{family.name}: labels of {task} are {names}, the node's coding is {coding}")
         probs = {name: float(p[i]) for i, name in enumerate(names)}
-        tasks.append(TaskResult(task=task, label=names[int(np.argmax(p))], probability=float(p[1]),
-                                probabilities=probs, calibrated=temperature is not None))
+        threshold, source = operating_threshold(ckpt, task)
+        tasks.append(TaskResult(task=task, label=label_at(names, p, threshold), probability=float(p[1]),
+                                probabilities=probs, calibrated=temperature is not None, threshold=threshold,
+                                threshold_source=source))
     tasks, floor_flags = withhold_under_floor(tasks, ckpt.metrics, list(family.tasks), floor)
     tasks, who_flags = who_consistent(tasks)
     keys, key_flags = _key_slices(case, pred.explanations, ckpt.input_roles, converted)
@@ -394,8 +457,9 @@ def check_case_features(selection: Selection, case: PreprocessedCase, cache: Mod
     return FeatureCheck(distance=distance, threshold=threshold, finding=finding)
 
 
-__all__ = ["FeatureCheck", "ModelCache", "OUTSIDE_SERIES_MM", "calibrate", "check_case_features", "resolve_device",
-           "run_model", "temperatures_of", "who_consistent", "withhold_under_floor"]
+__all__ = ["FeatureCheck", "ModelCache", "OUTSIDE_SERIES_MM", "calibrate", "check_case_features",
+           "floor_threshold_mismatch", "label_at", "operating_threshold", "resolve_device", "run_model",
+           "temperatures_of", "who_consistent", "withhold_under_floor"]
 
 
 # --------------------------------------------------------------------------- the infer stage

@@ -275,6 +275,44 @@ def probabilities_text(task: TaskResult) -> str:
     return ", ".join(parts) + (" (calibrated)" if task.calibrated else " (uncalibrated)")
 
 
+def threshold_text(task: TaskResult) -> str:
+    """The rule that turned the probability into the finding, in one line a reader can check against P.
+
+    "HGG when P(HGG) >= 0.62, else LGG (operating threshold chosen on validation data)". Why
+    said at all: with a threshold other than 0.5, P(HGG) = 0.55 can read LGG, which looks like
+    an error unless the report says where the cut lies and where it came from.
+    """
+    names = list(task.probabilities)
+    positive = names[1] if len(names) == 2 else task.label
+    negative = names[0] if len(names) == 2 else "the other class"
+    calibrated = "calibrated " if task.calibrated else ""
+    if task.threshold_source == "validation":
+        origin = "operating threshold chosen on validation data"
+    else:
+        origin = "default threshold: the checkpoint stores none chosen on validation data"
+    return f"{positive} when {calibrated}P({positive}) >= {task.threshold:.3f}, else {negative} ({origin})"
+
+
+def threshold_line(task: TaskResult) -> str:
+    """The summary image's line under a task's result: P(positive) against the operating threshold.
+
+    "P(HGG) = 0.29 >= threshold 0.25 (validation); calibrated": why the label is what it is, in
+    one line short enough for the image's narrow text column (the SR's :func:`threshold_text`
+    says it in full). It replaces the list of both class probabilities: for a binary task the
+    result line above already gives P of the label, and this line gives P(positive).
+    """
+    calibration = "calibrated" if task.calibrated else "not calibrated"
+    names = list(task.probabilities)
+    if len(names) != 2:
+        probs = ", ".join(f"P({k}) = {v:.2f}" for k, v in task.probabilities.items())
+        return f"{probs}; {calibration}"
+    positive = names[1]
+    compare = ">=" if task.label == positive else "<"
+    origin = "validation" if task.threshold_source == "validation" else "default"
+    return (f"P({positive}) = {task.probabilities[positive]:.2f} {compare} threshold {task.threshold:.2f} "
+            f"({origin}); {calibration}")
+
+
 def inputs_text(result: VersionResult, roles: Iterable[str] | None = None) -> str:
     """Which source series fed the model(s), by role and series number (no patient data)."""
     wanted = set(roles) if roles is not None else None
@@ -377,6 +415,7 @@ def task_group(model: ModelResult, task: TaskResult, result: VersionResult, *, r
     )
     items = [
         text_item(c.CLASS_PROBABILITIES, probabilities_text(task)),
+        text_item(c.OPERATING_THRESHOLD, threshold_text(task)),
         text_item(c.MODEL_PATH, plain_names(model.reason)),
         text_item(c.INPUTS_USED, inputs_text(result, model.input_roles)),
         text_item(c.MISSING_INPUTS, missing_text(result)),

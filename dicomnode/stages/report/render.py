@@ -32,7 +32,8 @@ from dicomnode.stages.report.content import NODE_ALGORITHM_NAME
 _DISCLAIMER, _CANNOT, _TRAINING = "Research use disclaimer", "Cannot grade", "Training data"
 _DECLINED = "Model declined by the input gate"
 #: a model's fields in the order a reader wants them, said once per model even when each task's group repeats them
-_MODEL_FIELDS = ("Model declined by the input gate", "Input gate finding", "Model path and reason", "Inputs used",
+_MODEL_FIELDS = ("Model declined by the input gate", "Input gate finding", "Operating threshold",
+                 "Model path and reason", "Inputs used",
                  "Missing inputs", "Key slice", "Training data", "Validation metrics", "Quality flag",
                  "Input gate loosened", "Cannot grade")
 #: in a group, not what the reader reads (identifiers and the algorithm's identification are shown in the heading)

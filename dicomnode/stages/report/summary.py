@@ -506,10 +506,9 @@ def summary_lines(result: VersionResult) -> list[tuple[str, str]]:
     for m in result.results:
         lines.append(("head", family_title(m.family)))
         for t in m.tasks:
-            probs = ", ".join(f"P({k}) = {v:.2f}" for k, v in t.probabilities.items())
             title = _TASK_TITLE.get(t.task, t.task)
             lines.append(("result", f"{title}: {t.label}  (P = {t.probabilities.get(t.label, t.probability):.2f})"))
-            lines.append(("small", probs + ("; calibrated" if t.calibrated else "; not calibrated")))
+            lines.append(("small", content.threshold_line(t)))
         lines.append(("small", content.heldout_line(m.metrics, [t.task for t in m.tasks])))
         lines.append(_trained_on(m.training_data))
         lines.append(("small", f"checkpoint {m.checkpoint_name}  sha256 {m.checkpoint_sha256[:12]}"))
