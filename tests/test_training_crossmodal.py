@@ -98,6 +98,24 @@ def test_run_exports_a_checkpoint_the_node_loads_and_predicts(cohort: Path, trai
     assert index[0]["row"] == "guided" and index[0]["family"] == "crossmodal"
 
 
+def test_the_operating_threshold_is_chosen_on_validation_and_stored(trained: tuple[Path, dict]) -> None:
+    """The checkpoint's threshold is the one its stored val/test figures were counted at."""
+    from training.metrics import binary_metrics
+
+    out, summary = trained
+    (ckpt_path,) = summary["checkpoints"]
+    ckpt = load_checkpoint(ckpt_path)
+    result = json.loads((out / "repeat0" / "result.json").read_text())
+    t = result["threshold"]
+    assert 0.0 < t < 1.0 and ckpt.thresholds == {"grade": t}
+    val, test = ckpt.metrics["val"], ckpt.metrics["test"]
+    assert val["threshold"] == test["threshold"] == t and test["threshold_rule"] == "youden_val"
+    # the test figures are counted at t on the calibrated probabilities the record keeps
+    ref = binary_metrics(result["test_pred"]["y"], result["test_pred"]["p"], threshold=t)
+    assert (test["tp"], test["fp"], test["tn"], test["fn"]) == (ref.tp, ref.fp, ref.tn, ref.fn)
+    assert len(test["auc_ci"]) == 2 and test["n"] == len(result["test_pred"]["y"])
+
+
 def test_run_writes_report_with_stage_rows(trained: tuple[Path, dict]) -> None:
     out, summary = trained
     md = (out / "report" / "table1.md").read_text(encoding="utf-8")

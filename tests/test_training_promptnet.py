@@ -24,6 +24,8 @@ from training.data import CaseDataset, VolumeCache, collate_cases, make_loader, 
 from training.datasets import DatasetError, read_dataset
 from training.export import copy_checkpoints, read_index
 from training.loop import ResumeError, StepOutput, fit, make_optimizer, predict_loader, seed_everything
+from training.metrics import binary_metrics
+from training.operating import youden_threshold
 from training.protocols import ConfigError, RunOptions, load_config
 from training.protocols import promptnet as proto
 
@@ -83,6 +85,16 @@ def test_every_row_trains_and_exports_a_checkpoint_the_node_loads(tiny_run, coho
         assert set(ck.training_data["split"]["test_case_ids"]).isdisjoint(ck.training_data["train_case_ids"])
         assert "calibration" in ck.metrics and ck.metrics["test"]["auc"] is None or "auc" in ck.metrics["test"]
         assert ck.temperature is not None and ck.temperature > 0
+        # the operating threshold: Youden's J on the calibrated VALIDATION probabilities, stored, and
+        # the one the checkpoint's val/test figures were counted at
+        rec = json.loads((out / "results" / f"{e['row']}-r{e['repeat']}.json").read_text())
+        t = rec["threshold"]
+        assert t == youden_threshold(rec["val"]["y"], rec["val"]["p_calibrated"])
+        assert ck.thresholds == ({"grade": t} if len(rec["val"]["y"]) else {})
+        assert ck.metrics["val"]["threshold"] == ck.metrics["test"]["threshold"] == t
+        ref = binary_metrics(rec["test"]["y"], rec["test"]["p_calibrated"], threshold=t)
+        assert ck.metrics["test"]["tp"] == ref.tp and ck.metrics["test"]["tn"] == ref.tn
+        assert len(ck.metrics["test"]["auc_ci"]) == 2
         # served exactly as the node would: its own spec on the case's NIfTI files
         pre = apply_spec(ck.spec, {r: case.images[r] for r in ck.input_roles})
         pred = ck.family.predict(ck.model, to_batch([pre], ck.input_roles), saliency=False)

@@ -195,10 +195,30 @@ def _train(protocol: str, data: Path, out: Path, profile: str | None, args: argp
     summary = mod.run(config, data_dir=data, out_dir=out, options=options)
     elapsed = time.perf_counter() - t0
     if options.dist.is_main:
-        if isinstance(summary, dict) and summary.get("table_markdown"):
-            print(summary["table_markdown"])
+        _print_tables(summary)
         print(f"\nrun folder: {out}  ({elapsed:.0f} s)")
     return summary if isinstance(summary, dict) else {}
+
+
+#: What a protocol's summary holds as Markdown, in the order printed: Table 1, its paired comparisons
+#: (differences with 95 % CIs and verdicts), Table 2 (the ablation).
+_TABLE_KEYS: tuple[tuple[str, str], ...] = (
+    ("table_markdown", ""),
+    ("comparisons_markdown", "Paired differences (A − B), same test cases"),
+    ("table2_markdown", "Table 2: ablation of the prompt loss"),
+)
+
+
+def _print_tables(summary: Any) -> None:
+    """Print every table a protocol's summary carries, each under a heading after the first."""
+    if not isinstance(summary, dict):
+        return
+    for key, heading in _TABLE_KEYS:
+        text = summary.get(key)
+        if text:
+            if heading:
+                print(f"\n{heading}\n")
+            print(text)
 
 
 def _generate(out: Path, profile: str, seed: int, n_cases: int | None, workers: int | None, overwrite: bool,
@@ -250,8 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not callable(getattr(mod, "evaluate", None)):
                 raise ProtocolError(f"protocol {info['protocol']!r} has no evaluate(run_dir)")
             summary = mod.evaluate(args.run)
-            if isinstance(summary, dict) and summary.get("table_markdown"):
-                print(summary["table_markdown"])
+            _print_tables(summary)
         elif args.command == "export":
             from training.export import copy_checkpoints
 

@@ -27,7 +27,23 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from training.calibration import DEFAULT_BINS, Mode, reliability_data, save_reliability_diagram
-from training.metrics import MeanStd, aggregate, binary_metrics, check_binary, drop_missing, mean_curve, mean_std
+from training.metrics import (
+    MeanStd,
+    PairedDifference,
+    PairedRepeat,
+    PooledAUC,
+    Scheme,
+    aggregate,
+    binary_metrics,
+    check_binary,
+    drop_missing,
+    mean_curve,
+    mean_std,
+    pair_predictions,
+    paired_auc_difference,
+    pooled_auc_ci,
+    smallest_detectable_difference,
+)
 
 PREDICTIONS_FORMAT = "training.predictions/1"
 
@@ -186,12 +202,17 @@ class ResultsTable:
 
     def write(self, out_dir: str | Path, stem: str) -> tuple[Path, Path]:
         """Write ``<stem>.md`` and ``<stem>.csv`` (UTF-8, for the "±"); returns both paths."""
-        d = Path(out_dir)
-        d.mkdir(parents=True, exist_ok=True)
-        md, cs = d / f"{stem}.md", d / f"{stem}.csv"
-        md.write_text(self.to_markdown(), encoding="utf-8")
-        cs.write_text(self.to_csv(), encoding="utf-8")
-        return md, cs
+        return write_md_csv(self.to_markdown(), self.to_csv(), out_dir, stem)
+
+
+def write_md_csv(markdown: str, csv_text: str, out_dir: str | Path, stem: str) -> tuple[Path, Path]:
+    """Every table of a report is written the same way: ``<stem>.md`` and ``<stem>.csv`` in UTF-8."""
+    d = Path(out_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    md, cs = d / f"{stem}.md", d / f"{stem}.csv"
+    md.write_text(markdown, encoding="utf-8")
+    cs.write_text(csv_text, encoding="utf-8")
+    return md, cs
 
 
 def _num(x: float) -> str:
@@ -381,3 +402,295 @@ def write_report(
         reliability=save_reliability_figure(rows, d / f"{stem}_reliability.png"),
         predictions=save_predictions(rows, d / f"{stem}_predictions.json"),
     )
+
+
+# --------------------------------------------------------------------------- paired comparisons
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One line of a comparison table: the paired AUC difference ``name_a − name_b``."""
+
+    name_a: str
+    name_b: str
+    result: PairedDifference
+
+    @property
+    def label(self) -> str:
+        return f"{self.name_a} − {self.name_b}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"comparison": self.label, "a": self.name_a, "b": self.name_b, **self.result.as_dict()}
+
+
+def paired_repeats(a: RowResult, b: RowResult, repeat_ids: Sequence[int] | None = None) -> list[PairedRepeat]:
+    """Rows A and B repeat by repeat (same position = same split), aligned case by case by their ids.
+
+    Why by position: a :class:`RowResult` lists its repeats in order; rows of one run that finished
+    different numbers of repeats cannot be paired this way (pair the common repeats' records
+    instead, as the PromptNet protocol does).
+    """
+    if len(a.repeats) != len(b.repeats):
+        raise ValueError(f"rows {a.name!r} and {b.name!r} have {len(a.repeats)} and {len(b.repeats)} repeats: "
+                         "pair only the repeats both finished")
+    labels = list(repeat_ids) if repeat_ids is not None else list(range(len(a.repeats)))
+    out = []
+    for i, k in enumerate(labels):
+        ids_a = a.case_ids[i] if a.case_ids is not None else None
+        ids_b = b.case_ids[i] if b.case_ids is not None else None
+        out.append(pair_predictions(ids_a, *a.repeats[i], ids_b, *b.repeats[i], repeat=k))
+    return out
+
+
+def compare_rows(
+    a: RowResult,
+    b: RowResult,
+    *,
+    repeat_ids: Sequence[int] | None = None,
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+    scheme: Scheme = "shared",
+) -> Comparison:
+    """The paired AUC difference of two rows tested on the same cases (see ``paired_auc_difference``)."""
+    result = paired_auc_difference(paired_repeats(a, b, repeat_ids), n_boot=n_boot, level=level, seed=seed,
+                                   scheme=scheme)
+    return Comparison(a.name, b.name, result)
+
+
+@dataclass(frozen=True)
+class StatsTable:
+    """A rendered statistics table: Markdown (one or more tables, then the caption) and a flat CSV."""
+
+    markdown_tables: tuple[tuple[tuple[str, ...], tuple[tuple[str, ...], ...], tuple[bool, ...]], ...]
+    csv_columns: tuple[str, ...]
+    csv_rows: tuple[tuple[str, ...], ...]
+    caption: str = ""
+
+    def to_markdown(self) -> str:
+        parts: list[str] = []
+        for columns, cells, numeric in self.markdown_tables:
+            lines = ["| " + " | ".join(_md_cell(c) for c in columns) + " |",
+                     "|" + "|".join("---:" if n else "---" for n in numeric) + "|"]
+            lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in cells]
+            parts.append("\n".join(lines))
+        if self.caption:
+            parts.append(self.caption)
+        return "\n\n".join(parts) + "\n"
+
+    def to_csv(self) -> str:
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(self.csv_columns)
+        w.writerows(self.csv_rows)
+        return buf.getvalue()
+
+    def write(self, out_dir: str | Path, stem: str) -> tuple[Path, Path]:
+        """Write ``<stem>.md`` and ``<stem>.csv`` (UTF-8); returns both paths."""
+        return write_md_csv(self.to_markdown(), self.to_csv(), out_dir, stem)
+
+
+def _pct(level: float) -> str:
+    return f"{level * 100:g} %"
+
+
+def _signed(x: float, digits: int) -> str:
+    return "–" if math.isnan(x) else f"{x:+.{digits}f}"
+
+
+def _p_text(p: float) -> str:
+    """Three decimals; the bootstrap's floor 2/(n_boot+1) is below 0.001 at 2000 resamples."""
+    if math.isnan(p):
+        return "–"
+    return "<0.001" if p < 1e-3 else f"{p:.3f}"
+
+
+def _ci_text(low: float, high: float, digits: int, signed: bool = True) -> str:
+    if math.isnan(low) or math.isnan(high):
+        return "–"
+    fmt = (lambda v: f"{v:+.{digits}f}") if signed else (lambda v: f"{v:.{digits}f}")
+    return f"[{fmt(low)}, {fmt(high)}]"
+
+
+def _span(values: Sequence[float], digits: int) -> str:
+    vals = [v for v in values if not math.isnan(v)]
+    if not vals:
+        return "n/a"
+    lo, hi = min(vals), max(vals)
+    return f"{lo:.{digits}f}" if round(lo, digits) == round(hi, digits) else f"{lo:.{digits}f}-{hi:.{digits}f}"
+
+
+def _counts_text(values: Sequence[int]) -> str:
+    s = sorted(set(values))
+    if not s:
+        return "0"
+    return str(s[0]) if len(s) == 1 else f"{s[0]}-{s[-1]}"
+
+
+def design_line(results: Sequence[PairedDifference], *, digits: int = 3, negative_name: str = "LGG") -> str:
+    """What differences the design can see: 1.96·SE (and 2.80·SE for 80 % power), with the test sizes."""
+    usable = [r for r in results if r.repeats and r.se > 0]  # SE 0: identical predictions, nothing to resolve
+    if not usable:
+        return ("No comparison had two models that differ on test parts with two cases of each class: "
+                "the design's resolution cannot be estimated.")
+    level = usable[0].level
+    z = smallest_detectable_difference(1.0, level=level)
+    z80 = smallest_detectable_difference(1.0, level=level, power=0.8)
+    n_rep = _counts_text([len(r.repeats) for r in usable])
+    return (
+        f"Smallest difference this design can tell from 0 ({z:.2f} × bootstrap SE of the pooled difference): "
+        f"{_span([r.smallest_detectable() for r in usable], digits)} AUC; detected with 80 % power: "
+        f"{_span([r.smallest_detectable(0.8) for r in usable], digits)} ({z80:.2f} × SE). "
+        f"Test parts: {_counts_text([n for r in usable for n in r.n_cases])} cases "
+        f"({_counts_text([n for r in usable for n in r.n_negative])} {negative_name}) per repeat, "
+        f"{n_rep} repeat{'s' if n_rep != '1' else ''}; "
+        f"{_counts_text([r.n_distinct for r in usable])} distinct test cases "
+        f"({_counts_text([r.n_distinct_negative for r in usable])} {negative_name}) in all."
+    )
+
+
+def _method_caption(results: Sequence[PairedDifference]) -> str:
+    r0 = next((r for r in results if r.repeats), results[0] if results else None)
+    n_boot = r0.n_boot if r0 else 2000
+    level = r0.level if r0 else 0.95
+    scheme = r0.scheme if r0 else "shared"
+    how = ("one weight per case, shared by both models and by every repeat that tests the case, so a case "
+           "tested in several repeats is not counted as new evidence each time" if scheme == "shared" else
+           "each repeat's test cases resampled within each class, both models on the same resample")
+    return (
+        f"Paired difference of test AUC (A − B) per repeat, on the same test cases; Mean = mean over repeats. "
+        f"{_pct(level)} CI (percentile) and two-sided p from a paired bootstrap over test cases "
+        f"({n_boot} resamples; {how}). Verdict: \"higher\"/\"lower\" when the CI excludes 0, "
+        f"\"not distinguishable\" when it holds 0. Detectable = {smallest_detectable_difference(1.0, level=level):.2f} "
+        f"× bootstrap SE. The interval covers test-case sampling only, not training noise (the per-repeat "
+        f"columns show that); no correction for multiple comparisons. DeLong's paired p per repeat is in the CSV."
+    )
+
+
+def _notes_caption(results: Sequence[PairedDifference]) -> str:
+    notes = sorted({n for r in results for n in r.notes})
+    return (" Left out: " + "; ".join(notes) + ".") if notes else ""
+
+
+_CSV_COLUMNS: tuple[str, ...] = (
+    "kind", "name", "a", "b", "auc_mean", "auc_std", "estimate", "ci_low", "ci_high", "level", "p_value", "se",
+    "smallest_detectable", "detectable_80_power", "verdict", "n_boot", "scheme", "repeats", "n_cases",
+    "n_negative", "n_distinct", "n_distinct_negative",
+)
+
+
+def _repeat_union(results: Sequence[PairedDifference | PooledAUC]) -> list[int]:
+    return sorted({k for r in results for k in r.repeats})
+
+
+def _csv_columns(repeats: Sequence[int]) -> tuple[str, ...]:
+    return _CSV_COLUMNS + tuple(f"r{k}" for k in repeats) + tuple(f"delong_p_r{k}" for k in repeats)
+
+
+def _joined(values: Sequence[Any]) -> str:
+    return ";".join(str(v) for v in values)
+
+
+def _comparison_csv_row(c: Comparison, repeats: Sequence[int]) -> tuple[str, ...]:
+    r = c.result
+    per = dict(zip(r.repeats, r.per_repeat))
+    dl = dict(zip(r.repeats, r.delong))
+    return (
+        "difference", c.label, c.name_a, c.name_b, "", "", _num(r.estimate), _num(r.low), _num(r.high),
+        repr(r.level), _num(r.p_value), _num(r.se), _num(r.smallest_detectable()), _num(r.smallest_detectable(0.8)),
+        r.verdict, str(r.n_boot), r.scheme, _joined(r.repeats), _joined(r.n_cases), _joined(r.n_negative),
+        str(r.n_distinct), str(r.n_distinct_negative),
+    ) + tuple(_num(per[k]) if k in per else "" for k in repeats) + tuple(
+        _num(dl[k].p_value) if k in dl else "" for k in repeats)
+
+
+def _comparison_cells(comparisons: Sequence[Comparison], repeats: Sequence[int], digits: int) -> tuple[
+        tuple[str, ...], tuple[tuple[str, ...], ...], tuple[bool, ...]]:
+    level = comparisons[0].result.level if comparisons else 0.95
+    columns = ("Comparison (A − B)", *(f"r{k}" for k in repeats), "Mean", f"{_pct(level)} CI", "p", "Detectable",
+               "Verdict")
+    cells = []
+    for c in comparisons:
+        r = c.result
+        per = dict(zip(r.repeats, r.per_repeat))
+        cells.append((c.label, *(_signed(per[k], digits) if k in per else "–" for k in repeats),
+                      _signed(r.estimate, digits), _ci_text(r.low, r.high, digits), _p_text(r.p_value),
+                      "–" if math.isnan(r.se) or r.se == 0 else f"{r.smallest_detectable():.{digits}f}", r.verdict))
+    numeric = (False, *(True for _ in repeats), True, True, True, True, False)
+    return columns, tuple(cells), numeric
+
+
+def comparison_table(comparisons: Sequence[Comparison], *, digits: int = 3, caption: str | None = None,
+                     negative_name: str = "LGG") -> StatsTable:
+    """Paired AUC differences with per-repeat values, mean, CI, p, detectable difference and verdict.
+
+    Markdown: one table, then the method, the design line (:func:`design_line`) and any repeats left
+    out. CSV: one line per comparison (``kind`` = difference) with the numbers unrounded, per-repeat
+    differences ``r<k>`` and DeLong's per-repeat p ``delong_p_r<k>``.
+    """
+    if not comparisons:
+        raise ValueError("no comparisons for the table")
+    results = [c.result for c in comparisons]
+    repeats = _repeat_union(results)
+    if caption is None:
+        caption = (_method_caption(results) + _notes_caption(results) + "\n\n"
+                   + design_line(results, digits=digits, negative_name=negative_name))
+    return StatsTable(
+        (_comparison_cells(comparisons, repeats, digits),),
+        _csv_columns(repeats),
+        tuple(_comparison_csv_row(c, repeats) for c in comparisons),
+        caption,
+    )
+
+
+@dataclass(frozen=True)
+class AblationRow:
+    """One setting of an ablation (Table 2): its AUC over repeats and the pooled interval."""
+
+    setting: str
+    name: str
+    auc: MeanStd
+    pooled: PooledAUC
+
+
+def ablation_row(setting: str, row: RowResult, *, repeat_ids: Sequence[int] | None = None, n_boot: int = 2000,
+                 level: float = 0.95, seed: int = 0, scheme: Scheme = "shared") -> AblationRow:
+    """A row's AUC mean ± sd over repeats and its pooled AUC with a bootstrap CI over test cases."""
+    ids = row.case_ids if row.case_ids is not None else tuple(None for _ in row.repeats)
+    pooled = pooled_auc_ci([(i, y, p) for i, (y, p) in zip(ids, row.repeats)], repeat_ids=repeat_ids,
+                           n_boot=n_boot, level=level, seed=seed, scheme=scheme)
+    return AblationRow(setting, row.name, row.summary()["auc"], pooled)
+
+
+def ablation_table(rows: Sequence[AblationRow], comparisons: Sequence[Comparison], *, digits: int = 3,
+                   caption: str | None = None, negative_name: str = "LGG") -> StatsTable:
+    """Table 2: each setting's AUC (mean ± sd, pooled AUC [CI]) and the paired differences between them."""
+    if not rows:
+        raise ValueError("no rows for the ablation table")
+    level = rows[0].pooled.level
+    tables = [(("Setting", "Model", "AUC (mean ± sd)", f"Pooled AUC [{_pct(level)} CI]"),
+               tuple((r.setting, r.name, r.auc.format(4), r.pooled.format(digits)) for r in rows),
+               (False, False, True, True))]
+    results = [c.result for c in comparisons]
+    repeats = _repeat_union([*results, *(r.pooled for r in rows)])
+    if comparisons:
+        tables.append(_comparison_cells(comparisons, repeats, digits))
+    if caption is None:
+        caption = (f"AUC: mean ± sample std (ddof=1) over repeats; pooled AUC: the mean over repeats with a "
+                   f"{_pct(level)} bootstrap CI over test cases (the same resampling as the differences).")
+        if comparisons:
+            caption += " " + _method_caption(results)
+        caption += _notes_caption(results) + "".join(
+            f" {r.setting}: " + "; ".join(r.pooled.notes) + "." for r in rows if r.pooled.notes)
+        if comparisons:
+            caption += "\n\n" + design_line(results, digits=digits, negative_name=negative_name)
+    csv_rows = []
+    for r in rows:
+        per = dict(zip(r.pooled.repeats, r.pooled.per_repeat))
+        csv_rows.append((
+            "row", r.setting, r.name, "", _num(r.auc.mean), _num(r.auc.std), _num(r.pooled.estimate),
+            _num(r.pooled.low), _num(r.pooled.high), repr(r.pooled.level), "", _num(r.pooled.se), "", "", "",
+            str(r.pooled.n_boot), r.pooled.scheme, _joined(r.pooled.repeats), "", "", "", "",
+        ) + tuple(_num(per[k]) if k in per else "" for k in repeats) + tuple("" for _ in repeats))
+    csv_rows += [_comparison_csv_row(c, repeats) for c in comparisons]
+    return StatsTable(tuple(tables), _csv_columns(repeats), tuple(csv_rows), caption)

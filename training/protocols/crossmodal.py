@@ -76,7 +76,7 @@ from training.loop import (
     predict_loader,
     seed_everything,
 )
-from training.metrics import binary_metrics
+from training.operating import heldout_metrics
 from training.prepare import exclude_failed
 from training.protocols import ConfigError, RunOptions, config_hash, parse_amp, with_preprocess
 from training.reports import (
@@ -87,6 +87,7 @@ from training.reports import (
     save_roc_pr_figure,
     table1,
 )
+from training.reports import Comparison, compare_rows, comparison_table
 from training.splits import SplitPlan, repeated_holdout, stratified_kfold
 
 __all__ = ["NAME", "evaluate", "make_plan", "order_secondaries", "read_cases", "run"]
@@ -389,11 +390,12 @@ def _run_split(config: Mapping[str, Any], options: RunOptions, cache: VolumeCach
     y_test, p_raw, z_test = test_pred.labelled("grade")
     temperature = calib.temperature if calib is not None else 1.0
     p_test = apply_temperature(z_test, temperature)[:, 1]
-    val_metrics: dict[str, Any] = {}
+    y_val = p_val = np.zeros(0)
     if val_pred is not None:
         y_val, _, z_val = val_pred.labelled("grade")
-        val_metrics = binary_metrics(y_val, apply_temperature(z_val, temperature)[:, 1]).as_dict()
-    test_metrics = binary_metrics(y_test, p_test).as_dict()
+        p_val = apply_temperature(z_val, temperature)[:, 1] if len(y_val) else np.zeros(0)
+    # The node thresholds the calibrated P(HGG): threshold chosen on validation (Youden's J), test scored at it.
+    val_metrics, test_metrics, threshold = heldout_metrics(y_val, p_val, y_test, p_test, seed=seed)
     ckpt_dir = out_dir / "checkpoints"
     ckpt = ckpt_dir / f"{NAME}-r{r}.pt"
     val_auc = val_metrics.get("auc") if val_metrics else None
@@ -409,6 +411,8 @@ def _run_split(config: Mapping[str, Any], options: RunOptions, cache: VolumeCach
                    "final_stage": stage_records[final_index]["label"], "class_weights": trainer.class_weights},
             gate=gate_stats(model, FAMILY, train, val, cache, device=trainer.device,
                             batch_size=int(config["train"]["eval_batch_size"])),
+            # no validation labels: nothing chose a threshold, and the node labels at 0.5
+            thresholds={"grade": threshold} if len(y_val) else None,
         )
     result = {
         "run_key": run_key,
@@ -420,6 +424,7 @@ def _run_split(config: Mapping[str, Any], options: RunOptions, cache: VolumeCach
         "final_stage": stage_records[final_index]["label"],
         "temperature": temperature,
         "calibration": calib.to_dict() if calib is not None else None,
+        "threshold": threshold,
         "val": val_metrics,
         "test": test_metrics,
         "test_pred": {"y": y_test.tolist(), "p": p_test.tolist(), "p_uncalibrated": p_raw.tolist(),
@@ -455,17 +460,45 @@ def _rows(config: Mapping[str, Any], results: Sequence[Mapping[str, Any]]) -> li
     return rows
 
 
+def _comparisons(rows: Sequence[RowResult]) -> list[Comparison]:
+    """The ablation of the cumulative stages, paired on each repeat's test part: every stage row
+    against the one before it (what adding that secondary changed), the final guided model against
+    the last stage row, and the final model against the primary alone (the paper's claim)."""
+    if len(rows) < 2:
+        return []
+    pairs = [(rows[i], rows[i - 1]) for i in range(1, len(rows))]
+    if len(rows) > 2:
+        pairs.append((rows[-1], rows[0]))
+    return [compare_rows(a, b) for a, b in pairs]
+
+
 def _write_report(rows: Sequence[RowResult], out_dir: Path, caption: str, title: str) -> dict[str, str]:
-    """Table 1 (Markdown + CSV), ROC/PR figure, reliability diagram and raw predictions."""
+    """Table 1 (Markdown + CSV), paired comparisons (Markdown, CSV, JSON), ROC/PR figure, reliability
+    diagram and raw predictions."""
     rep = out_dir / "report"
     md, csv_path = table1(rows, caption=caption).write(rep, "table1")
-    return {
+    files = {
         "markdown": str(md),
         "csv": str(csv_path),
         "roc_pr": str(save_roc_pr_figure(rows, rep / "table1_roc_pr.png", title=title)),
         "reliability": str(save_reliability_figure(rows, rep / "table1_reliability.png")),
         "predictions": str(save_predictions(rows, rep / "table1_predictions.json")),
     }
+    comps = _comparisons(rows)
+    if comps:
+        cmd, ccsv = comparison_table(comps).write(rep, "table1_comparisons")
+        cjson = rep / "table1_comparisons.json"
+        write_json(cjson, [c.as_dict() for c in comps])
+        files.update(comparisons_markdown=str(cmd), comparisons_csv=str(ccsv), comparisons_json=str(cjson))
+    return files
+
+
+def _comparison_summary(files: Mapping[str, str]) -> dict[str, Any]:
+    """The comparison table's Markdown (what the CLI prints) and numbers, for the summary."""
+    if "comparisons_markdown" not in files:
+        return {}
+    return {"comparisons_markdown": Path(files["comparisons_markdown"]).read_text(encoding="utf-8"),
+            "comparisons": json.loads(Path(files["comparisons_json"]).read_text(encoding="utf-8"))}
 
 
 def run(config: Mapping[str, Any], *, data_dir: Path, out_dir: Path, options: RunOptions) -> dict[str, Any]:
@@ -522,6 +555,7 @@ def run(config: Mapping[str, Any], *, data_dir: Path, out_dir: Path, options: Ru
         "report": files,
         "caption": caption,
         "table_markdown": table_md,
+        **_comparison_summary(files),
         "elapsed_s": round(time.perf_counter() - t0, 1),
     }
     write_json(out_dir / "summary.json", summary)
@@ -540,4 +574,4 @@ def evaluate(run_dir: Path) -> dict[str, Any]:
     files = _write_report(rows, run_dir, caption or table1(rows).caption,
                           "Cross-modality guidance (seed 001): test parts")
     return {"protocol": NAME, "report": files,
-            "table_markdown": Path(files["markdown"]).read_text(encoding="utf-8")}
+            "table_markdown": Path(files["markdown"]).read_text(encoding="utf-8"), **_comparison_summary(files)}

@@ -62,10 +62,13 @@ from training.loop import (
     predict_loader,
     seed_everything,
 )
-from training.metrics import binary_metrics, summary_dict
+from training.metrics import summary_dict
+from training.operating import heldout_metrics
 from training.prepare import exclude_failed
 from training.protocols import ConfigError, RunOptions, config_hash, parse_amp, with_preprocess
 from training.reports import RowResult, save_predictions, save_reliability_figure, save_roc_pr_figure, table1
+from training.reports import Comparison, ablation_row, ablation_table, comparison_table
+from training.metrics import pair_predictions, paired_auc_difference
 from training.splits import SplitPlan, repeated_holdout, stratified_kfold
 
 NAME = "promptnet"
@@ -196,13 +199,6 @@ def _student_step(criterion: PromptNetCriterion) -> StepFn:
 
 # --------------------------------------------------------------------------- evaluation
 
-def _metrics(y: np.ndarray, p: np.ndarray) -> dict[str, Any]:
-    if len(y) == 0:
-        return {}
-    m = binary_metrics(y, p).as_dict()
-    return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in m.items()}
-
-
 def _ece(y: np.ndarray, logits: np.ndarray, temperature: float) -> float | None:
     if len(y) == 0:
         return None
@@ -328,7 +324,11 @@ def _train_row(ctx: _Context, row: str, repeat: int, template_ckpt: Path | None)
         y_v = p_v = z_v = np.zeros(0)
         cal = None
     temp = 1.0 if cal is None else float(cal.temperature)
-    val_m, test_m = _metrics(y_v, p_v), _metrics(y_t, p_t)
+    # The node thresholds the CALIBRATED P(HGG): the threshold is chosen (Youden's J) and every
+    # threshold-dependent metric measured on those, the threshold on validation only.
+    pc_v = apply_temperature(z_v, temp)[:, 1] if len(y_v) else np.zeros(0)
+    pc_t = apply_temperature(z_t, temp)[:, 1] if len(y_t) else np.zeros(0)
+    val_m, test_m, threshold = heldout_metrics(y_v, pc_v, y_t, pc_t, seed=seed)
     history = res.history
     epoch_times = [h["time_s"] for h in history]
     record: dict[str, Any] = {
@@ -338,12 +338,14 @@ def _train_row(ctx: _Context, row: str, repeat: int, template_ckpt: Path | None)
         "epoch_seconds_mean": float(np.mean(epoch_times)) if epoch_times else None,
         "samples_per_s_mean": float(np.mean([h["samples_per_s"] for h in history])) if history else None,
         "val": {"case_ids": [c for c, y in zip(val_pred.case_ids, val_pred.labels["grade"]) if y >= 0]
-                if len(split.val) else [], "y": y_v, "p": p_v, "logits": z_v, "metrics": val_m},
+                if len(split.val) else [], "y": y_v, "p": p_v, "logits": z_v, "metrics": val_m,
+                "p_calibrated": pc_v},
         "test": {"case_ids": [c for c, y in zip(test_pred.case_ids, test_pred.labels["grade"]) if y >= 0],
                  "y": y_t, "p": p_t, "logits": z_t, "metrics": test_m,
-                 "p_calibrated": apply_temperature(z_t, temp)[:, 1] if len(y_t) else np.zeros(0),
+                 "p_calibrated": pc_t,
                  "ece": _ece(y_t, z_t, 1.0), "ece_calibrated": _ece(y_t, z_t, temp)},
         "calibration": None if cal is None else cal.to_dict(),
+        "threshold": threshold,
     }
     ckpt = ctx.out / "checkpoints" / f"{family_name}-{row}-r{repeat}.pt"
     if ctx.options.dist.is_main:
@@ -365,6 +367,8 @@ def _train_row(ctx: _Context, row: str, repeat: int, template_ckpt: Path | None)
             # the node's gate: ranges and feature statistics on this row's own spec (threshold on validation)
             gate=gate_stats(model, family, train_cases, val_cases, ctx.fs_cache if row == "fs" else ctx.ne_cache,
                             device=ctx.device, batch_size=ebs),
+            # no validation labels: nothing chose a threshold, and the node labels at 0.5
+            thresholds={"grade": threshold} if len(y_v) else None,
         )
         record["checkpoint"] = str(ckpt)
         record["sha256"] = sha
@@ -407,6 +411,65 @@ def _caption(config: Mapping[str, Any], n_repeats: int, scheme: str) -> str:
     return text
 
 
+#: Table 1's paired comparisons (A − B): each NE row and the FS row against the NE-only baseline,
+#: adaptive against fixed, FS against adaptive.
+TABLE1_COMPARISONS: tuple[tuple[str, str], ...] = (
+    ("fixed", "none"), ("adaptive", "none"), ("fs", "none"), ("adaptive", "fixed"), ("fs", "adaptive"))
+#: Table 2 (seed 000's ablation of the prompt loss): row -> setting, then its paired differences.
+TABLE2_SETTINGS: dict[str, str] = {"none": "Without prompt loss", "fixed": "Fixed prompt weight",
+                                   "adaptive": "Adaptive prompt weight"}
+TABLE2_COMPARISONS: tuple[tuple[str, str], ...] = (("fixed", "none"), ("adaptive", "none"), ("adaptive", "fixed"))
+
+
+def _label(row: str) -> str:
+    return f"{ROWS[row][0]} ({ROWS[row][1]})" if row == "fs" else ROWS[row][0]
+
+
+def _compare(recs: Mapping[str, list[dict[str, Any]]], a: str, b: str) -> Comparison | None:
+    """A − B on the repeats both rows finished, case by case on each repeat's (shared) test part."""
+    by_a, by_b = {d["repeat"]: d for d in recs.get(a, [])}, {d["repeat"]: d for d in recs.get(b, [])}
+    common = sorted(set(by_a) & set(by_b))
+    if not common:
+        return None
+    pairs = [pair_predictions(by_a[k]["test"]["case_ids"], by_a[k]["test"]["y"], by_a[k]["test"]["p"],
+                              by_b[k]["test"]["case_ids"], by_b[k]["test"]["y"], by_b[k]["test"]["p"], repeat=k)
+             for k in common]
+    return Comparison(_label(a), _label(b), paired_auc_difference(pairs))
+
+
+def _write_comparisons(recs: Mapping[str, list[dict[str, Any]]], order: Sequence[str],
+                       result_rows: Sequence[RowResult], rep_dir: Path) -> dict[str, Any]:
+    """report/table1_comparisons.{md,csv} and report/table2.{md,csv}; their numbers for summary.json.
+
+    Why here and not in the Table 1 cell: mean ± std per row cannot show a 0.02-0.03 AUC effect,
+    the paired difference on the same test cases can (docs/training-metrics.md, "Paired comparisons").
+    """
+    out: dict[str, Any] = {"comparisons": {}, "files": {}}
+    t1 = [c for c in (_compare(recs, a, b) for a, b in TABLE1_COMPARISONS if a in order and b in order) if c]
+    if t1:
+        table = comparison_table(t1)
+        md, cs = table.write(rep_dir, "table1_comparisons")
+        out["comparisons"]["table1"] = [c.as_dict() for c in t1]
+        out["comparisons_markdown"] = table.to_markdown()
+        out["files"].update(comparisons_markdown=str(md), comparisons_csv=str(cs))
+    settings = [r for r in TABLE2_SETTINGS if r in order]
+    if settings:
+        rows = {r: rr for r, rr in zip(order, result_rows)}
+        abl = [ablation_row(TABLE2_SETTINGS[r], rows[r], repeat_ids=[d["repeat"] for d in
+                                                                   sorted(recs[r], key=lambda d: d["repeat"])])
+               for r in settings]
+        t2 = [c for c in (_compare(recs, a, b) for a, b in TABLE2_COMPARISONS if a in order and b in order) if c]
+        table = ablation_table(abl, t2)
+        md, cs = table.write(rep_dir, "table2")
+        out["comparisons"]["table2"] = {
+            "rows": [{"setting": r.setting, "name": r.name, "auc_mean": r.auc.mean, "auc_std": r.auc.std,
+                      "pooled": r.pooled.as_dict()} for r in abl],
+            "differences": [c.as_dict() for c in t2]}
+        out["table2_markdown"] = table.to_markdown()
+        out["files"].update(table2_markdown=str(md), table2_csv=str(cs))
+    return out
+
+
 def write_results(out: Path, config: Mapping[str, Any], rows: Sequence[str] | None = None) -> dict[str, Any]:
     """Build the report (Table 1 MD/CSV, ROC/PR figure, reliability diagrams, predictions JSON) from
     ``results/*.json``; rows with no finished repeat are left out. Returns the summary."""
@@ -439,7 +502,12 @@ def write_results(out: Path, config: Mapping[str, Any], rows: Sequence[str] | No
     rep_dir = out / "report"
     rep_dir.mkdir(parents=True, exist_ok=True)
     scheme = "kfold" if int(config["split"]["kfold"]) > 0 else "holdout"
-    table = table1(result_rows, caption=_caption(config, n_rep, scheme))
+    stats = _write_comparisons(recs, order, result_rows, rep_dir)
+    caption = _caption(config, n_rep, scheme)
+    if stats["files"]:
+        caption += " Paired differences with 95 % CIs: " + " and ".join(
+            Path(f).name for k, f in stats["files"].items() if k.endswith("markdown")) + "."
+    table = table1(result_rows, caption=caption)
     md, cs = table.write(rep_dir, "table1")
     fig = save_roc_pr_figure(result_rows, rep_dir / "table1_roc_pr.png", title="Seed 000 protocol: test ROC and PR")
     rel = save_reliability_figure(result_rows, rep_dir / "table1_reliability.png")
@@ -448,11 +516,13 @@ def write_results(out: Path, config: Mapping[str, Any], rows: Sequence[str] | No
     preds = save_predictions(result_rows, rep_dir / "table1_predictions.json")
     summary = {
         "table_markdown": table.to_markdown(),
+        **{k: v for k, v in stats.items() if k != "files"},
         "summary": {ROWS[r][0]: summary_dict(rr.summary()) for r, rr in zip(order, result_rows)},
         "per_repeat": per_repeat,
         "timing": timing,
-        "files": {k: str(v) for k, v in {"markdown": md, "csv": cs, "roc_pr": fig, "reliability": rel,
-                                         "reliability_calibrated": rel_cal, "predictions": preds}.items()},
+        "files": {**{k: str(v) for k, v in {"markdown": md, "csv": cs, "roc_pr": fig, "reliability": rel,
+                                            "reliability_calibrated": rel_cal, "predictions": preds}.items()},
+                  **stats["files"]},
     }
     _write_json(rep_dir / "summary.json", summary)
     return summary
