@@ -29,26 +29,9 @@ from training.datasets import read_dataset
 from training.protocols import ConfigError, RunOptions, load_config
 from training.protocols import mmdlm
 
-TINY_SETS = [
-    "model.resnet_layers=[1, 1, 1, 1]",
-    "model.resnet_widths=[4, 4, 8, 8]",
-    "model.mil_hidden_dim=8",
-    "model.mil_attention_dim=8",
-    "model.projection_dim=4",
-    "model.fusion_dim=4",
-    "model.slice_size=[16, 16]",
-    "model.slice_count=8",
-    "model.spacing_mm=[8.0, 8.0, 8.0]",
-    "model.field_of_view_mm=[192.0, 192.0, 160.0]",
-    "stage1.epochs=1",
-    "stage1.lr=1e-3",
-    "stage3.epochs=2",
-    "stage3.lr=1e-3",
-    "stage3.batch_size=4",
-    "split.k=3",
-    "split.val_fraction=0.25",
-    'split.strata="grade"',
-]
+from mmdlm_util import TINY_NET_SETS
+
+TINY_SETS = [*TINY_NET_SETS, "stage1.epochs=1", "stage1.lr=1e-3", "stage3.epochs=2", "stage3.lr=1e-3", "stage3.batch_size=4"]
 
 
 @pytest.fixture(scope="module")

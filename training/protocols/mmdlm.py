@@ -11,34 +11,45 @@ mmdlm.evaluate(Path("/tmp/run-mmdlm"))                      # rebuild tables + f
 ```
 
 Per split (5-fold CV stratified on grade x IDH x 1p/19q by default, patient level, with a
-validation part carved from each fold's training patients):
+validation part carved from each fold's training patients). The training patients are split once
+more (``stage_parts``): stage 1 trains on one part, stage 3 on the other, so the MIL head is fitted
+on features of cases no extractor saw (``stage3.cases = "disjoint"``; docs/mmdlm.md says why).
 
 1. **Slice ResNets** (the public ``train_resnet.py``): one ResNet per sequence (T1CE, T2, FLAIR),
-   each trained on single slices with a temporary 3-logit head (grade, IDH, 1p/19q) and the
-   case's labels, masked BCE (``models.mmdlm.MMDLMLoss``: missing labels and the 1p/19q rule).
+   each trained on single slices of the stage-1 part with a temporary 3-logit head (grade, IDH,
+   1p/19q) and the case's labels, masked BCE (``models.mmdlm.MMDLMLoss``: missing labels and the
+   1p/19q rule), with the public code's crop, flips and rotation (``[stage1.augment]``).
    ``stage1.slices = "tumour"`` trains on the bag slices that hold tumour (from the segmentation,
    when a case has one), as the public code trained on its tumour range; the *bags* stay the brain
-   range (the spec), because serving has no segmentation. Selected on slice-level validation AUC.
+   range (the spec), because serving has no segmentation. Selected on slice-level validation AUC
+   of the tasks with enough validation cases (``selection_tasks``; else validation loss).
    The head is dropped: ``models/mmdlm`` has one multitask extractor per sequence, not one per
    task (docs/mmdlm.md says why).
 2. **Feature extraction** (``extract_feature.py``): ``MMDLM.extract_features`` with the trained
    ResNets, once per case, for train, validation and test.
 3. **MIL heads** (``train_attention.py``): gated attention, projections, concatenation fusion and
-   the three heads (``MMDLM.forward_features``) trained on the features with masked BCE plus the
-   public code's explicit L2 penalty; selected on the mean validation AUC over the tasks, NEVER on
-   the test fold (the public code did; docs/mmdlm.md).
+   the three heads (``MMDLM.forward_features``) trained on the stage-3 part's features with masked
+   BCE plus the public code's explicit L2 penalty; selected on the mean validation AUC over the
+   selection tasks, NEVER on the test fold (the public code did; docs/mmdlm.md).
 
 Then the assembled network is evaluated end to end through ``FAMILY.predict`` (the node's path),
 temperatures are fitted per task on validation and stored in the checkpoint's ``extra``
 (``extra["temperatures"] = {task: T}``; the checkpoint's single ``temperature`` field stays None
-because one number cannot calibrate three tasks), and each fold's model is exported.
+because one number cannot calibrate three tasks), an operating threshold per task is chosen on the
+calibrated validation probabilities (``training.operating.heldout_metrics``, stored as the
+checkpoint's ``thresholds``), test metrics are measured at it with a 95 % bootstrap CI of the AUC,
+and each fold's model is exported. ``report/mmdlm_auc_ci.md`` lists the AUCs with their CIs.
 
-1p/19q is reported two ways: on the cases its loss counts (known label, IDH not wildtype under
-the default rule: the public code's masked evaluation) and on every case with a 1p/19q label.
+Reproducible: the same config, data, code and thread count give the same predictions (the resume
+key includes a fingerprint of the data; ``run.json`` records the provenance).
+
+1p/19q is reported two ways: on the cases its loss counts (known label and IDH-mutant under the
+default rule, the cases the node reports 1p/19q for) and on every case with a 1p/19q label.
 """
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import time
@@ -53,14 +64,15 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from models.mmdlm import FAMILY, MMDLM, MMDLMLoss, l2_penalty
+from models.mmdlm.augment import SliceAugment, apply_affine, item_rng
 from models.mmdlm.network import MMDLM_ROLES, MMDLM_TASKS
 from models.preprocess import PreprocessError, apply_spec, is_clinical
 from training.calibration import apply_temperature, temperature_fit
 from training.cases import Case, labels_array
-from training.data import Batch, CaseDataset, VolumeCache, make_loader, to_device
+from training.data import Batch, CaseDataset, VolumeCache, make_loader, preprocess_fingerprint, to_device
 from training.export import export_model, gate_stats
 from training.loop import StepOutput, fit, make_optimizer, predict_loader, seed_everything
-from training.metrics import binary_metrics
+from training.metrics import pooled_auc_ci
 from training.prepare import exclude_failed
 from training.protocols import ConfigError, RunOptions, config_hash, with_preprocess
 from training.protocols.crossmodal import (
@@ -83,7 +95,8 @@ from training.reports import (
     save_roc_pr_figure,
     table1,
 )
-from training.splits import joint_strata
+from training.operating import heldout_metrics
+from training.splits import joint_strata, repeated_holdout
 
 __all__ = ["NAME", "evaluate", "run", "tumour_slices"]
 
@@ -134,6 +147,62 @@ def _masked(loss: MMDLMLoss, targets: Mapping[str, torch.Tensor]) -> dict[str, t
     return {t: torch.where(keep[t], targets[t].long(), torch.full_like(targets[t].long(), -1)) for t in TASKS}
 
 
+def selection_tasks(loss: MMDLMLoss, val: Sequence[Case], minimum: int) -> tuple[list[str], dict[str, list[int]]]:
+    """The tasks whose validation AUC may choose an epoch, and the (negative, positive) case counts.
+
+    Why: an AUC on a validation part with one or two cases of a class is mostly noise, and the best
+    epoch of a noisy score is the luckiest one (winner's curse), so selection on it picks noise. A
+    task counts only when the validation part holds at least ``minimum`` cases of each class among
+    the cases its loss counts (1p/19q: IDH-mutant ones under the default rule); the others are left
+    out of the selection score (and said so in the results). Counted per case, also for stage 1's
+    slice-level AUC, because slices of one case are not independent.
+    """
+    targets = _masked(loss, _targets(val))
+    counts = {t: [int((targets[t] == 0).sum()), int((targets[t] == 1).sum())] for t in TASKS}
+    return [t for t in TASKS if min(counts[t]) >= minimum], counts
+
+
+def stage_parts(config: Mapping[str, Any], train: Sequence[Case], seed: int) -> tuple[list[Case], list[Case]]:
+    """(stage-1 cases, stage-3 cases) of one split's training patients.
+
+    ``stage3.cases = "disjoint"`` (default): a stratified ``stage3.fraction`` of the training
+    patients is kept out of stage 1, and stage 3 trains on their features only. Why: stage 1 fits
+    its training slices almost perfectly (training slice AUC 1.0 within a few epochs), so features
+    of those cases separate the classes far better than features of any new case will; a MIL head
+    fitted on them learns to trust a signal that is absent at validation, test and serving time.
+    Features of cases no extractor saw are distributed like the ones it will meet. Why not
+    cross-fitting (K extractors, each case's features from the one that did not see it): the K
+    extractors have unrelated feature spaces, so one head cannot be trained on their mixture and
+    then served with one network; and it costs K stage-1 trainings. ``"same"``: the public code's
+    way (stage 3 on the cases stage 1 trained on).
+    """
+    s3 = config["stage3"]
+    mode = str(s3["cases"])
+    if mode == "same":
+        return list(train), list(train)
+    if mode != "disjoint":
+        raise ConfigError(f"stage3.cases must be 'disjoint' or 'same', got {mode!r}")
+    fraction = float(s3["fraction"])
+    if not 0.0 < fraction < 1.0:
+        raise ConfigError(f"stage3.fraction must be in (0, 1), got {fraction}")
+    if len({c.patient_id for c in train}) < 2:
+        raise ConfigError("stage3.cases = 'disjoint' needs at least two training patients")
+    strata = _strata(config, train)
+    plan = repeated_holdout([c.case_id for c in train], strata, [c.patient_id for c in train],
+                            test_fraction=fraction, repeats=1, val_fraction=0.0, seed=int(seed))
+    part = next(iter(plan))
+    return pick(train, part.train), pick(train, part.test)
+
+
+def _strata(config: Mapping[str, Any], cases: Sequence[Case]) -> list[Any]:
+    kind = str(config["split"]["strata"])
+    if kind == "joint":
+        return joint_strata(*[[c.labels.get(t) for c in cases] for t in TASKS])
+    if kind == "grade":
+        return [c.labels.get("grade") for c in cases]
+    raise ConfigError(f"split.strata must be 'joint' or 'grade', got {kind!r}")
+
+
 # --------------------------------------------------------------------------- stage 1: slices
 
 
@@ -175,11 +244,18 @@ class SliceDataset(Dataset):
 
     ``positions[i]`` lists the bag positions used for case i. Items look like ``CaseDataset``'s
     (``{"x": (1, H, W), "labels": {task: int}, "case_id": str}``) so ``training.data``'s collate
-    and loader serve them unchanged.
+    and loader serve them unchanged, plus ``"item"`` (its index). ``augment`` (training only): the
+    public code's crop, flips and rotation, applied by :meth:`augment_batch` in the training step, with
+    each item's draw a function of (``seed``, epoch, item, ``stream``). Why in the step and not in
+    ``__getitem__``: loader workers hold copies of the dataset made when they start (persistent
+    workers keep them), so an epoch set in the main process would not reach them and every epoch
+    would repeat the first one's draws; in the main process the epoch is always the one ``fit`` set,
+    whatever the worker count, and a resumed run draws what an uninterrupted one would.
     """
 
     def __init__(self, cases: Sequence[Case], cache: VolumeCache, role: str,
-                 positions: Sequence[np.ndarray], targets: Mapping[str, torch.Tensor], in_memory: bool) -> None:
+                 positions: Sequence[np.ndarray], targets: Mapping[str, torch.Tensor], in_memory: bool,
+                 augment: SliceAugment | None = None, seed: int = 0, stream: int = 0) -> None:
         self.cases = list(cases)
         self.cache = cache
         self.role = role
@@ -187,6 +263,20 @@ class SliceDataset(Dataset):
         self.targets = {t: v.tolist() for t, v in targets.items()}
         self.in_memory = in_memory
         self._mem: dict[int, np.ndarray] = {}
+        self.augment = augment
+        self.seed, self.stream, self.epoch = int(seed), int(stream), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def augment_batch(self, x: torch.Tensor, items: Sequence[int]) -> torch.Tensor:
+        """``x`` (B, 1, H, W) of ``items`` augmented with this epoch's draws (unchanged without ``augment``)."""
+        if self.augment is None:
+            return x
+        h, w = int(x.shape[-2]), int(x.shape[-1])
+        thetas = np.stack([self.augment.sample(item_rng(self.seed, self.epoch, int(k), (self.stream,)), h, w)
+                           for k in items])
+        return apply_affine(x, torch.from_numpy(thetas).to(x.device))
 
     def __len__(self) -> int:
         return len(self.index)
@@ -202,7 +292,8 @@ class SliceDataset(Dataset):
     def __getitem__(self, k: int) -> Batch:
         i, pos = self.index[k]
         x = torch.from_numpy(np.array(self._stack(i)[pos], dtype=np.float32, copy=True))[None]
-        return {"x": x, "labels": {t: int(self.targets[t][i]) for t in TASKS}, "case_id": self.cases[i].case_id}
+        return {"x": x, "item": k, "labels": {t: int(self.targets[t][i]) for t in TASKS},
+                "case_id": self.cases[i].case_id}
 
 
 class SliceClassifier(nn.Module):
@@ -275,6 +366,36 @@ class _Split:
         self.loss = _loss(config, train)
         self.in_memory = bool(config["data"]["in_memory"])
         self.workers = int(config["data"]["num_workers"])
+        # stage 1 trains the extractors on s1; stage 3 the MIL head on features of s3 (stage_parts)
+        self.s1, self.s3 = stage_parts(config, train, seed)
+        minimum = int(config["selection"]["min_per_class"])
+        if minimum < 1:
+            raise ConfigError(f"selection.min_per_class must be >= 1, got {minimum}")
+        self.select_tasks, self.val_counts = selection_tasks(self.loss, val, minimum)
+        try:
+            self.augment = SliceAugment.from_config(config["stage1"]["augment"])
+        except ValueError as exc:
+            raise ConfigError(f"stage1.augment: {exc}") from exc
+
+    def _select_on(self, configured: str) -> str:
+        """``val_auc`` over the tasks with enough validation cases; validation loss when none has."""
+        if configured == "val_auc" and not self.select_tasks:
+            return "val_loss"
+        return configured
+
+    def _for_selection(self, m: nn.Module, values: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """In validation, only the selection tasks feed the loop's AUC (its mean is the selection score)."""
+        if m.training or not self.select_tasks:
+            return dict(values)
+        return {t: values[t] for t in self.select_tasks}
+
+    def selection_record(self) -> dict[str, Any]:
+        minimum = int(self.cfg["selection"]["min_per_class"])
+        return {"min_per_class": minimum, "tasks": list(self.select_tasks),
+                "skipped": {t: c for t, c in self.val_counts.items() if t not in self.select_tasks},
+                "val_counts": {t: {"negative": c[0], "positive": c[1]} for t, c in self.val_counts.items()},
+                "rule": ("mean validation AUC over the listed tasks" if self.select_tasks
+                         else "validation loss (no task has enough validation cases of each class)")}
 
     # -- stage 1
     def _positions(self, cases: Sequence[Case]) -> tuple[list[np.ndarray], int]:
@@ -299,11 +420,12 @@ class _Split:
     def stage1(self, model: MMDLM) -> dict[str, Any]:
         s1 = self.cfg["stage1"]
         record: dict[str, Any] = {}
-        for role in ROLES:
-            pos_tr, fb_tr = self._positions(self.train)
+        for stream, role in enumerate(ROLES):
+            pos_tr, fb_tr = self._positions(self.s1)
             pos_va, fb_va = self._positions(self.val)
-            t_tr, t_va = _masked(self.loss, _targets(self.train)), _masked(self.loss, _targets(self.val))
-            ds_tr = SliceDataset(self.train, self.cache, role, pos_tr, t_tr, self.in_memory)
+            t_tr, t_va = _masked(self.loss, _targets(self.s1)), _masked(self.loss, _targets(self.val))
+            ds_tr = SliceDataset(self.s1, self.cache, role, pos_tr, t_tr, self.in_memory, augment=self.augment,
+                                 seed=self.seed, stream=stream)
             ds_va = SliceDataset(self.val, self.cache, role, pos_va, t_va, self.in_memory)
             tl = make_loader(ds_tr, batch_size=int(s1["batch_size"]), shuffle=True, seed=self.seed,  # type: ignore[arg-type]
                              num_workers=self.workers, device=self.device, world_size=self.options.dist.world_size,
@@ -311,21 +433,25 @@ class _Split:
             vl = make_loader(ds_va, batch_size=int(s1["eval_batch_size"]), shuffle=False,  # type: ignore[arg-type]
                              num_workers=self.workers, device=self.device)
             clf = SliceClassifier(model.extractors[role], model.feature_dim)
-            loss = self.loss
+            loss, pick_tasks = self.loss, self._for_selection
 
-            def step(m: nn.Module, batch: Batch) -> StepOutput:
-                logits = m(batch["x"])
+            def step(m: nn.Module, batch: Batch, ds: SliceDataset = ds_tr) -> StepOutput:
+                x = ds.augment_batch(batch["x"], batch["item"]) if m.training else batch["x"]
+                logits = m(x)
                 total, _ = loss(logits, batch["labels"])
-                return StepOutput(total, logits=logits, targets=batch["labels"])
+                return StepOutput(total, logits=pick_tasks(m, logits), targets=pick_tasks(m, batch["labels"]))
 
             opt = make_optimizer(clf.parameters(), str(s1["optimizer"]), float(s1["lr"]), float(s1["weight_decay"]))
             res = fit(clf, step, tl, vl, epochs=int(s1["epochs"]), optimizer=opt, device=self.device,
                       amp_dtype=self.amp, log_dir=self.dir / f"stage1-{role}", resume=self.options.resume,
-                      select_on=str(s1["select_on"]), patience=int(s1["patience"]) or None,
+                      select_on=self._select_on(str(s1["select_on"])), patience=int(s1["patience"]) or None,
                       run_key=f"{self.run_key}:stage1-{role}", dist=self.options.dist,
                       progress=self.options.progress, desc=f"mmdlm {self.dir.name} stage 1 {role}")
-            record[role] = {"best_epoch": res.best_epoch, "best_val_slice_auc": finite(res.best_score),
-                            "train_slices": len(ds_tr), "val_slices": len(ds_va),
+            last = res.history[-1] if res.history else {}
+            record[role] = {"best_epoch": res.best_epoch, "best_val_slice_auc": finite(res.best_score)
+                            if self._select_on(str(s1["select_on"])) == "val_auc" else None,
+                            "last_train_slice_auc": finite(float(last.get("train_auc", math.nan))),
+                            "train_cases": len(self.s1), "train_slices": len(ds_tr), "val_slices": len(ds_va),
                             "cases_without_tumour_slices": fb_tr + fb_va}
         return record
 
@@ -353,30 +479,32 @@ class _Split:
         head = FeatureHead(model)
         model.extractors.requires_grad_(False)
         params = head.head_parameters()
-        tl = make_loader(FeatureDataset(self.train, feats, masks), batch_size=int(s3["batch_size"]),  # type: ignore[arg-type]
+        tl = make_loader(FeatureDataset(self.s3, feats, masks), batch_size=int(s3["batch_size"]),  # type: ignore[arg-type]
                          shuffle=True, seed=self.seed, device=self.device,
                          world_size=self.options.dist.world_size, rank=self.options.dist.rank)
         vl = make_loader(FeatureDataset(self.val, feats, masks), batch_size=max(1, int(s3["batch_size"])),  # type: ignore[arg-type]
                          shuffle=False, device=self.device)
-        loss, l2 = self.loss, float(s3["l2"])
+        loss, l2, pick_tasks = self.loss, float(s3["l2"]), self._for_selection
 
         def step(m: nn.Module, batch: Batch) -> StepOutput:
             out = m(batch)
             total, parts = loss(out.logits, batch["labels"])
             if l2 > 0:
                 total = total + l2_penalty(params, l2)
-            return StepOutput(total, logits=out.logits, targets=_masked(loss, batch["labels"]),
+            return StepOutput(total, logits=pick_tasks(m, out.logits),
+                              targets=pick_tasks(m, _masked(loss, batch["labels"])),
                               scalars={f"bce_{t}": v.detach() for t, v in parts.items()})
 
         opt = make_optimizer(params, str(s3["optimizer"]), float(s3["lr"]), float(s3["weight_decay"]))
         res = fit(head, step, tl, vl, epochs=int(s3["epochs"]), optimizer=opt, device=self.device,
                   amp_dtype=self.amp, log_dir=self.dir / "stage3-mil", resume=self.options.resume,
-                  select_on=str(s3["select_on"]), patience=int(s3["patience"]) or None,
+                  select_on=self._select_on(str(s3["select_on"])), patience=int(s3["patience"]) or None,
                   run_key=f"{self.run_key}:stage3", dist=self.options.dist, progress=self.options.progress,
                   desc=f"mmdlm {self.dir.name} stage 3 MIL")
         model.extractors.requires_grad_(True)
         best = res.history[res.best_epoch - 1] if res.history and res.best_epoch >= 1 else {}
         return {"best_epoch": res.best_epoch, "best_val_score": finite(res.best_score),
+                "select_on": self._select_on(str(s3["select_on"])), "train_cases": len(self.s3),
                 "best_val_auc": {t: finite(float(best.get(f"val_auc_{t}", math.nan))) for t in TASKS}}
 
     # -- evaluation through the serving path
@@ -425,7 +553,10 @@ def _run_split(config: Mapping[str, Any], options: RunOptions, cache: VolumeCach
     calibration: dict[str, Any] = {}
     val_metrics: dict[str, Any] = {}
     test_metrics: dict[str, Any] = {}
+    thresholds: dict[str, float] = {}
     test_out: dict[str, Any] = {"case_ids": list(test_pred.case_ids)}
+    n_boot = int(config["protocol"]["n_boot"])
+    val_cal: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for t in TASKS:
         keep = val_keep[t]
         z, y = val_pred.logits[t][keep], val_pred.labels[t][keep]
@@ -434,27 +565,35 @@ def _run_split(config: Mapping[str, Any], options: RunOptions, cache: VolumeCach
             fit_t = temperature_fit(z, y) if len(y) else None
         temperatures[t] = float(fit_t.temperature) if fit_t is not None else 1.0
         calibration[t] = fit_t.to_dict() if fit_t is not None else {"note": "no validation case counts for this task"}
-        val_metrics[t] = binary_metrics(y, apply_temperature(z, temperatures[t])[:, 1]).as_dict() if len(y) else {}
+        # the node thresholds the CALIBRATED P(positive): the operating threshold (Youden's J) is chosen
+        # on those validation probabilities, and every test metric is measured at it (training.operating)
+        p_val = apply_temperature(z, temperatures[t])[:, 1] if len(y) else np.zeros(0)
+        val_cal[t] = (y, p_val)
         p_all = apply_temperature(test_pred.logits[t], temperatures[t])[:, 1]
         y_all = test_pred.labels[t]
         test_out[t] = {"y": y_all.tolist(), "p": p_all.tolist(), "counted": test_keep[t].tolist()}
         kt = test_keep[t]
-        test_metrics[t] = binary_metrics(y_all[kt], p_all[kt]).as_dict() if kt.any() else {}
+        val_metrics[t], test_metrics[t], thr = heldout_metrics(y, p_val, y_all[kt], p_all[kt], n_boot=n_boot,
+                                                               seed=seed)
+        if len(np.unique(y)) == 2:  # validation could choose; else the node labels at 0.5
+            thresholds[t] = float(thr)
     known = test_pred.labels["1p19q"] >= 0
-    test_metrics["1p19q_all"] = (binary_metrics(test_pred.labels["1p19q"][known],
-                                                np.asarray(test_out["1p19q"]["p"])[known]).as_dict()
-                                 if known.any() else {})
-    val_aucs = [val_metrics[t].get("auc", math.nan) for t in TASKS if val_metrics[t]]
-    val_score = float(np.nanmean(val_aucs)) if any(math.isfinite(a) for a in val_aucs) else None
+    # every labelled 1p/19q test case, at the threshold chosen for 1p/19q (on the cases its loss counts)
+    _, test_metrics["1p19q_all"], _ = heldout_metrics(*val_cal["1p19q"], test_pred.labels["1p19q"][known],
+                                                      np.asarray(test_out["1p19q"]["p"])[known], n_boot=n_boot,
+                                                      seed=seed)
+    val_aucs = [val_metrics[t].get("auc") for t in work.select_tasks or TASKS]
+    val_aucs = [a for a in val_aucs if a is not None and math.isfinite(a)]
+    val_score = float(np.mean(val_aucs)) if val_aucs else None
     ckpt = out_dir / "checkpoints" / f"{NAME}-r{r}.pt"
     sha = None
     if options.dist.is_main:
         sha = export_model(
             ckpt, model, NAME, hparams, spec, train_cases=train, val_cases=val, split=split.to_dict(), config=config,
             metrics={"val": val_metrics, "test": test_metrics, "calibration": calibration,
-                     "stage1": s1, "stage3": s3},
+                     "stage1": s1, "stage3": s3, "selection": work.selection_record()},
             calibration=None, protocol=NAME, row="multitask", repeat=r, index=out_dir / "checkpoints.json",
-            val_score=val_score,
+            val_score=val_score, thresholds=thresholds or None,
             extra={"temperatures": temperatures, "one_p19q_rule": str(config["loss"]["one_p19q_rule"]),
                    "temperature_note": "per task, fitted on validation logits; apply p = sigmoid(logit / T[task]); "
                                        "the single 'temperature' field is None because one number cannot "
@@ -463,11 +602,16 @@ def _run_split(config: Mapping[str, Any], options: RunOptions, cache: VolumeCach
             gate=gate_stats(model, FAMILY, train, val, cache, device=work.device),
         )
     result = {
-        "run_key": run_key, "fold": r, "stage1": s1, "stage3": s3,
+        "run_key": run_key, "fold": r, "threads": torch.get_num_threads(), "stage1": s1, "stage3": s3,
+        "thresholds": thresholds,
+        "selection": work.selection_record(),
+        "parts": {"stage1_ids": [c.case_id for c in work.s1], "stage3_ids": [c.case_id for c in work.s3],
+                  "val_ids": [c.case_id for c in val], "test_ids": [c.case_id for c in test]},
         "seconds": {"stage1": round(t1 - t0, 1), "stage2": round(t2 - t1, 1), "stage3": round(t3 - t2, 1)},
         "temperatures": temperatures, "calibration": calibration, "val": val_metrics, "test": test_metrics,
         "test_pred": test_out, "checkpoint": str(ckpt) if sha else None, "sha256": sha,
-        "n": {"train": len(train), "val": len(val), "test": len(test)},
+        "n": {"train": len(train), "stage1": len(work.s1), "stage3": len(work.s3), "val": len(val),
+              "test": len(test)},
     }
     write_json(result_path, result)
     return result
@@ -520,12 +664,13 @@ def _write_report(rows: Sequence[RowResult], out_dir: Path, caption_extra: Seque
                                                (("grade", "grade"), ("idh", "idh"), ("1p19q", main_key))
                                                if k in by_key})]
     if other_key in by_key:
-        mt_rows.append(MultiTaskRow(f"{model_name}, 1p/19q {'on all labelled cases' if other_key == '1p19q_all' else 'on IDH-not-wildtype cases'}",
+        mt_rows.append(MultiTaskRow(f"{model_name}, 1p/19q {'on all labelled cases' if other_key == '1p19q_all' else 'on the cases its loss counts'}",
                                     data, {"1p19q": by_key[other_key].repeats}))
     base = multitask_table(mt_rows).caption
-    rule_note = ("1p/19q in the first row: cases whose 1p/19q loss counts (label known, IDH not wildtype); "
+    rule_note = ("1p/19q in the first row: cases whose 1p/19q loss counts (label known; IDH-mutant under the "
+                 "default loss.one_p19q_rule); "
                  "second row: every case with a 1p/19q label." if main_key == "1p19q" else
-                 "1p/19q in the first row: every case with a 1p/19q label; second row: IDH-not-wildtype cases.")
+                 "1p/19q in the first row: every case with a 1p/19q label; second row: the cases its loss counts.")
     caption = caption_with_departures(f"{base} {rule_note}", caption_extra)
     md, csv_path = multitask_table(mt_rows, caption=caption).write(rep, "mmdlm")
     md_t, csv_t = table1(rows, caption=caption_with_departures(table1(rows).caption, caption_extra)).write(
@@ -537,6 +682,75 @@ def _write_report(rows: Sequence[RowResult], out_dir: Path, caption_extra: Seque
     files["reliability"] = str(save_reliability_figure(rows, rep / "mmdlm_reliability.png"))
     files["predictions"] = str(save_predictions(rows, rep / "mmdlm_predictions.json"))
     return files
+
+
+def _fmt_ci(m: Mapping[str, Any]) -> str:
+    auc, ci = m.get("auc"), m.get("auc_ci") or [None, None]
+    if auc is None or not math.isfinite(float(auc)):
+        return "n/a"
+    lo, hi = ci
+    inner = f" [{lo:.2f}, {hi:.2f}]" if lo is not None and hi is not None else ""
+    return f"{float(auc):.3f}{inner}"
+
+
+def auc_ci_table(results: Sequence[Mapping[str, Any]], *, n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """Per fold and task: test AUC with its 95 % bootstrap CI (``training.operating.heldout_metrics``)
+    and the case counts; then the mean over folds with the pooled 95 % CI (``pooled_auc_ci``: the
+    same stratified bootstrap over each fold's test cases). Also which tasks chose the epoch.
+
+    Why beside the mean ± std table: with 3-10 cases of a class per test fold a per-fold AUC can
+    swing by 0.2 on one case; the interval says how much a number can be read.
+    """
+    keys = ("grade", "idh", "1p19q", "1p19q_all")
+    titles = {"grade": "Grade", "idh": "IDH", "1p19q": "1p/19q (IDH-mutant)", "1p19q_all": "1p/19q (all labelled)"}
+    lines = ["| Fold | " + " | ".join(f"{titles[k]} AUC [95 % CI] (neg/pos)" for k in keys) + " | Selected on |",
+             "|---|" + "---:|" * len(keys) + "---|"]
+    numbers: dict[str, Any] = {"folds": [], "pooled": {}}
+    for res in results:
+        cells, fold_nums = [], {}
+        for k in keys:
+            m = res.get("test", {}).get(k) or {}
+            n_pos = int(m.get("n_positive", 0) or 0)
+            n_neg = int(m.get("n_negative", 0) or 0)
+            cells.append(f"{_fmt_ci(m)} ({n_neg}/{n_pos})")
+            fold_nums[k] = {"auc": m.get("auc"), "auc_ci": m.get("auc_ci"), "n_negative": n_neg, "n_positive": n_pos}
+        sel = res.get("selection") or {}
+        chosen = ", ".join(sel.get("tasks", [])) or "validation loss"
+        lines.append(f"| {res['fold']} | " + " | ".join(cells) + f" | {chosen} |")
+        numbers["folds"].append({"fold": res["fold"], **fold_nums, "selected_on": sel.get("tasks", [])})
+    pooled_cells = []
+    for k in keys:
+        task = "1p19q" if k == "1p19q_all" else k
+        reps, ids = [], []
+        for res in results:
+            tp = res["test_pred"]
+            y = np.asarray(tp[task]["y"])
+            keep = (y >= 0) if k == "1p19q_all" else np.asarray(tp[task]["counted"], dtype=bool)
+            if keep.any():
+                reps.append((tuple(np.asarray(tp["case_ids"])[keep].tolist()), y[keep],
+                             np.asarray(tp[task]["p"], dtype=np.float64)[keep]))
+                ids.append(int(res["fold"]))
+        if not reps:
+            pooled_cells.append("n/a")
+            numbers["pooled"][k] = None
+            continue
+        pooled = pooled_auc_ci(reps, repeat_ids=ids, n_boot=n_boot, seed=seed)
+        est = pooled.estimate
+        left_out = "" if len(pooled.repeats) == len(ids) else \
+            f" (folds {', '.join(str(f) for f in pooled.repeats)})"
+        pooled_cells.append("n/a" if not math.isfinite(est) else
+                            f"{est:.3f} [{pooled.low:.2f}, {pooled.high:.2f}]{left_out}")
+        numbers["pooled"][k] = {"auc": finite(est), "low": finite(pooled.low), "high": finite(pooled.high),
+                                "folds": list(pooled.repeats), "notes": list(pooled.notes)}
+    lines.append("| mean over folds [pooled 95 % CI] | " + " | ".join(pooled_cells) + " | |")
+    caption = ("Test AUC per fold at the model chosen on validation, with the 95 % stratified bootstrap CI over "
+               f"that fold's test cases ({n_boot} resamples); (neg/pos) = test cases of each class. Last row: mean of "
+               "the per-fold AUCs with a 95 % CI from resampling every fold's test cases together; a fold with fewer "
+               "than two test cases of a class cannot be resampled and is left out (the folds used are then "
+               "named). 1p/19q first on IDH-mutant cases (the cases its loss counts), then on every labelled case. "
+               "'Selected on': the tasks whose validation AUC chose the epoch (>= selection.min_per_class "
+               "validation cases of each class).")
+    return {"markdown": "\n".join(lines) + "\n\n" + caption + "\n", "numbers": numbers}
 
 
 # --------------------------------------------------------------------------- entry points
@@ -555,7 +769,9 @@ def _tumour_map(cases: Sequence[Case], spec: Mapping[str, Any], cache: VolumeCac
 
     changed = False
     for c in tqdm(cases, desc="tumour slices", disable=None if progress else True, leave=False):
-        key = f"{c.case_id}|{c.seg}"
+        # the segmentation file's identity (size, mtime), not only its path: a cohort regenerated in
+        # place must not reuse the tumour slices of the previous one
+        key = f"{c.case_id}|{_file_stamp(c.seg)}"
         if key not in known:
             t = tumour_slices(c, spec)
             known[key] = None if t is None else t.astype(int).tolist()
@@ -565,6 +781,60 @@ def _tumour_map(cases: Sequence[Case], spec: Mapping[str, Any], cache: VolumeCac
     if changed:
         write_json(store, known)
     return out
+
+
+def _file_stamp(path: Path | None) -> str:
+    """Path, size and modification time of a file ("-" for none): its identity for caches and keys."""
+    if path is None:
+        return "-"
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return f"{path}:missing"
+    return f"{Path(path).resolve()}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def data_fingerprint(cases: Sequence[Case]) -> str:
+    """16 hex digits over the cases a run trains on: ids, patients, labels and the identity of every
+    input file (path, size, mtime).
+
+    Why in the resume key: a rerun into an existing run folder returns the finished folds as they
+    are; after the cohort was regenerated (new labels, new images) it would mix folds of two
+    cohorts and look like a non-reproducible run. With the data in the key it refuses instead.
+    """
+    h = hashlib.sha256()
+    for c in sorted(cases, key=lambda c: c.case_id):
+        labels = ",".join(f"{t}={c.labels.get(t)}" for t in TASKS)
+        files = "|".join(_file_stamp(c.images.get(r)) for r in ROLES)
+        h.update(f"{c.case_id}|{c.patient_id}|{labels}|{files}|{_file_stamp(c.seg)}\n".encode())
+    return h.hexdigest()[:16]
+
+
+#: the code whose change can change a run's numbers (besides models/preprocess, fingerprinted by training.data)
+_CODE_FILES: tuple[str, ...] = (
+    "training/protocols/mmdlm.py", "models/mmdlm/network.py", "models/mmdlm/loss.py", "models/mmdlm/family.py",
+    "models/mmdlm/augment.py", "models/resnet2d.py", "training/loop.py", "training/data.py", "training/splits.py",
+    "training/calibration.py", "training/operating.py",
+)
+
+
+def provenance(cases: Sequence[Case], options: RunOptions) -> dict[str, Any]:
+    """What decides a run's numbers besides its config: data, code, library versions, threads.
+
+    Why: "the same command gave different numbers" is only a finding when these are equal; a
+    reader compares two runs' ``provenance`` first. CPU results depend on the thread count (float
+    sums in another order): 1 and 2 threads differ in the 4th decimal after a few epochs, and
+    selection can then pick another epoch.
+    """
+    root = Path(__file__).resolve().parents[2]
+    code = hashlib.sha256()
+    for rel in _CODE_FILES:
+        f = root / rel
+        code.update(rel.encode() + b"\0" + (f.read_bytes() if f.exists() else b"-"))
+    return {"data": data_fingerprint(cases), "training_code": code.hexdigest()[:16],
+            "preprocess_code": preprocess_fingerprint(), "torch": torch.__version__, "numpy": np.__version__,
+            "threads": torch.get_num_threads(), "device": str(options.device),
+            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled()}
 
 
 def prepare_specs(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -607,14 +877,11 @@ def run(config: Mapping[str, Any], *, data_dir: Path, out_dir: Path, options: Ru
     # prepared once per case and spec (reused from `python -m training prepare`); failures excluded, listed
     cases, _ = exclude_failed(cases, {NAME: spec}, Path(config["data"]["cache_dir"] or out_dir / "cache"),
                               record=out_dir / "prepare.json", progress=options.progress)
-    strata_kind = str(config["split"]["strata"])
-    if strata_kind == "joint":
-        strata = joint_strata(*[[c.labels.get(t) for c in cases] for t in TASKS])
-    elif strata_kind == "grade":
-        strata = [c.labels.get("grade") for c in cases]
-    else:
-        raise ConfigError(f"split.strata must be 'joint' or 'grade', got {strata_kind!r}")
-    plan = make_plan(cases, strata, config["split"], options.repeats)
+    prov = provenance(cases, options)
+    run_key = config_hash({"config": run_key, "data": prov["data"]})
+    write_json(out_dir / "run.json", {"protocol": NAME, "config": config, "config_hash": config_hash(config),
+                                      "run_key": run_key, "data_dir": str(data_dir), "provenance": prov})
+    plan = make_plan(cases, _strata(config, cases), config["split"], options.repeats)
     plan.save(out_dir / "splits.json")
     cache = VolumeCache(spec, Path(config["data"]["cache_dir"] or out_dir / "cache"))
     cache.warm(cases, progress=options.progress)
@@ -624,6 +891,10 @@ def run(config: Mapping[str, Any], *, data_dir: Path, out_dir: Path, options: Ru
     rows = _task_rows(config, results)
     departures = list(config["protocol"]["departures"])
     files = _write_report(rows, out_dir, departures, eval_mode)
+    ci = auc_ci_table(results, n_boot=int(config["protocol"]["n_boot"]), seed=int(config["protocol"]["seed"]))
+    ci_path = out_dir / "report" / "mmdlm_auc_ci.md"
+    ci_path.write_text(ci["markdown"], encoding="utf-8")
+    files["auc_ci_markdown"] = str(ci_path)
     summary = {
         "protocol": NAME,
         "data_dir": str(data_dir),
@@ -638,6 +909,10 @@ def run(config: Mapping[str, Any], *, data_dir: Path, out_dir: Path, options: Ru
         "one_p19q_eval": eval_mode,
         "table_markdown": Path(files["markdown"]).read_text(encoding="utf-8"),
         "tasks_markdown": Path(files["tasks_markdown"]).read_text(encoding="utf-8"),
+        "auc_ci": ci["numbers"],
+        "auc_ci_markdown": ci["markdown"],
+        "selection": [res.get("selection") for res in results],
+        "provenance": prov,
         "elapsed_s": round(time.perf_counter() - t0, 1),
     }
     write_json(out_dir / "summary.json", summary)
@@ -654,5 +929,16 @@ def evaluate(run_dir: Path) -> dict[str, Any]:
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     files = _write_report(rows, run_dir, summary.get("departures", []), summary.get("one_p19q_eval", "rule"))
-    return {"protocol": NAME, "report": files,
-            "table_markdown": Path(files["markdown"]).read_text(encoding="utf-8")}
+    results = [json.loads(f.read_text()) for f in sorted(run_dir.glob("fold*/" + RESULT_NAME),
+                                                         key=lambda f: int(f.parent.name[4:]))]
+    out = {"protocol": NAME, "report": files, "table_markdown": Path(files["markdown"]).read_text(encoding="utf-8")}
+    if results and all("test_pred" in r for r in results):
+        run_json = run_dir / "run.json"
+        cfg = json.loads(run_json.read_text()).get("config", {}) if run_json.exists() else {}
+        proto = cfg.get("protocol", {})
+        ci = auc_ci_table(results, n_boot=int(proto.get("n_boot", 2000)), seed=int(proto.get("seed", 0)))
+        ci_path = run_dir / "report" / "mmdlm_auc_ci.md"
+        ci_path.write_text(ci["markdown"], encoding="utf-8")
+        files["auc_ci_markdown"] = str(ci_path)
+        out["auc_ci_markdown"] = ci["markdown"]
+    return out
